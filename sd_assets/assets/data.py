@@ -1,0 +1,1 @@
+"""data assets (filled by its issue)."""

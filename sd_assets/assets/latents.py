@@ -1,0 +1,1 @@
+"""latents assets (filled by its issue)."""

@@ -1,0 +1,1 @@
+"""sampling assets (filled by its issue)."""

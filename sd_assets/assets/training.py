@@ -1,0 +1,1 @@
+"""training assets (filled by its issue)."""

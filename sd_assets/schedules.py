@@ -1,0 +1,5 @@
+"""Schedules: incremental re-encoding of missing or stale latent shards."""
+
+import dagster as dg
+
+schedules: list[dg.ScheduleDefinition] = []
