@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("sd_core.train", "main", "train the UNet on the latent cache (torchrun-compatible)"),
     "generate": ("sd_core.sample", "generate_main", "generate images from a checkpoint"),
-    "export-diffusers": ("sd_core.sample", "export_main", "export a checkpoint as a diffusers pipeline folder"),
+    "export-diffusers": ("sd_core.export", "main", "export a checkpoint as a diffusers pipeline folder"),
 }
 
 
