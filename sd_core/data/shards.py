@@ -1,0 +1,320 @@
+"""Download one shard's images with img2dataset into ``shards/{shard}.tar`` (+ ``.parquet``, ``_stats.json``).
+
+img2dataset runs as a child process in its own session (``start_new_session=True``), never in-process:
+in-process it hangs without a ``__main__`` guard, fails in non-main threads and daemonic workers, and turns
+SIGINT into exit 0 (notes/data-pipeline.md). We own its lifetime:
+
+- a watchdog kills the whole process group when neither its output folder nor its log grew for
+  ``watchdog_s`` seconds (img2dataset's ``timeout`` is per socket read, so one trickling server can stall a
+  shard for ever), and when ``max_runtime_s`` is exceeded;
+- on any exception in the parent (a Dagster cancel arrives as one) the process group is killed before the
+  exception propagates, so no downloader outlives its step;
+- ``NO_ALBUMENTATIONS_UPDATE=1`` is set in its environment (else each process asks a registry at import).
+
+img2dataset numbers its outputs ``00000.tar`` … by position in its input, so it runs into a temporary folder
+next to the destination and the results are moved to the shard key's names with `os.replace` (atomic; a
+re-run of the same shard replaces them whole: idempotent). Failed URLs are counted, by reason, and never
+fail the shard; a shard that produced no image at all raises `NoImagesError`.
+
+Sample keys inside the tar are img2dataset's (``000000000`` …, unique within a shard only): a sample's
+global identity is (shard key, sample key); the metadata's ``hash`` column is carried along in each
+sample's json as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sd_core.config import DownloadConfig
+
+# Metadata columns carried into each sample's json (only those present in the part are passed: img2dataset
+# crashes on a save_additional_columns entry that is not in its input).
+EXTRA_COLUMNS = ("hash", "similarity", "aesthetic", "punsafe", "pwatermark", "nsfw", "source_url")
+
+
+class ShardDownloadError(RuntimeError):
+    """img2dataset failed, stalled or was cancelled for a shard."""
+
+
+class NoImagesError(ShardDownloadError):
+    """img2dataset ran, but not one image of the shard could be downloaded and decoded."""
+
+
+@dataclass
+class ShardReport:
+    """The outcome of one shard download."""
+
+    shard: str
+    rows: int
+    successes: int
+    failures: dict[str, int]  # reason → count
+    failed_to_download: int
+    failed_to_resize: int
+    bytes: int  # size of the tar
+    tar: str
+    parquet: str
+    stats: str
+    seconds: float
+    output_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.rows if self.rows else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["success_rate"] = round(self.success_rate, 4)
+        return d
+
+
+def shard_paths(shards_dir: Path, shard: str) -> dict[str, Path]:
+    return {
+        "tar": shards_dir / f"{shard}.tar",
+        "parquet": shards_dir / f"{shard}.parquet",
+        "stats": shards_dir / f"{shard}_stats.json",
+    }
+
+
+_URLISH = re.compile(r"https?://\S+")
+
+
+def failure_reason(message: str | None) -> str:
+    """Group img2dataset error messages: URLs dropped, long messages cut (e.g. "HTTP Error 404: Not Found")."""
+    if not message:
+        return "unknown"
+    lines = message.strip().splitlines()
+    return _URLISH.sub("<url>", lines[0] if lines else "unknown")[:120]
+
+
+def prepare_url_file(part: Path, dest: Path, rewrite: Callable[[str | None], str | None] | None) -> tuple[int, list[str]]:
+    """Write img2dataset's input parquet: ``url`` (rewritten for the loopback server if asked), ``caption``
+    and the extra metadata columns the part has. Returns (rows, extra column names)."""
+    table = pq.read_table(part)
+    if "url" not in table.column_names or "caption" not in table.column_names:
+        raise ShardDownloadError(f"shard part {part} lacks url/caption columns (got {table.column_names})")
+    cols: dict[str, pa.Array] = {}
+    urls = table.column("url").to_pylist()
+    if rewrite is not None:
+        new = [rewrite(u) for u in urls]
+        if new != urls:
+            cols["url"] = pa.array(new, pa.string())
+            cols["source_url"] = pa.array(urls, pa.string())
+    cols.setdefault("url", table.column("url"))
+    cols["caption"] = table.column("caption")
+    for c in EXTRA_COLUMNS:
+        if c in table.column_names and c not in cols:
+            cols[c] = table.column(c)
+    out = pa.table(cols)
+    pq.write_table(out, dest)
+    extras = [c for c in out.column_names if c not in ("url", "caption")]
+    return out.num_rows, extras
+
+
+def _folder_progress(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _kill_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM the child's whole session, then SIGKILL what is left after ``grace_s``."""
+    if proc.poll() is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of an exited leader (img2dataset's logger)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            if sig == signal.SIGTERM:
+                try:  # the leader is gone; make sure its helpers are too
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_img2dataset(args: dict[str, Any], workdir: Path, cfg: DownloadConfig,
+                    log: Callable[[str], None] | None = None) -> None:
+    """Run img2dataset with ``args`` in a child process (own session), under the watchdog."""
+    args_file = workdir / "args.json"
+    args_file.write_text(json.dumps(args))
+    log_path = workdir / "img2dataset.log"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sd_core.data.shards", str(args_file)],
+            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env, cwd=workdir,
+        )
+        if log:
+            log(f"img2dataset started: pid {proc.pid}, its own session and process group")
+        try:
+            start = last_change = time.monotonic()
+            last_progress = -1
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                now = time.monotonic()
+                progress = _folder_progress(Path(args["output_folder"])) + log_path.stat().st_size
+                if progress != last_progress:
+                    last_progress, last_change = progress, now
+                elif now - last_change > cfg.watchdog_s:
+                    _kill_group(proc)
+                    raise ShardDownloadError(
+                        f"img2dataset made no progress for {cfg.watchdog_s:.0f} s (watchdog_s); killed it. "
+                        f"Log tail:\n{_tail(log_path)}")
+                if cfg.max_runtime_s is not None and now - start > cfg.max_runtime_s:
+                    _kill_group(proc)
+                    raise ShardDownloadError(
+                        f"img2dataset ran longer than max_runtime_s={cfg.max_runtime_s:.0f} s; killed it. "
+                        f"Log tail:\n{_tail(log_path)}")
+        except BaseException:
+            _kill_group(proc)
+            raise
+        _kill_group(proc)  # leader exited: reap any helper it left behind in its session
+    if log:
+        log(_tail(log_path, 2000))
+    if rc != 0:
+        raise ShardDownloadError(f"img2dataset exited with code {rc}. Log tail:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-n:].decode("utf-8", "replace")
+
+
+def download_shard(
+    part: str | os.PathLike[str],
+    shards_dir: str | os.PathLike[str],
+    shard: str,
+    cfg: DownloadConfig,
+    rewrite: Callable[[str | None], str | None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ShardReport:
+    """Download the images of filtered part ``part`` into ``shards_dir/{shard}.tar`` (+ parquet, stats).
+
+    ``rewrite`` maps each URL before img2dataset sees it (the synthetic source's placeholder host → the live
+    loopback server). Partial failures are reported, not raised; zero images → `NoImagesError` (and no
+    output files are replaced).
+    """
+    t0 = time.perf_counter()
+    part = Path(part)
+    out_dir = Path(shards_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not part.is_file():
+        raise ShardDownloadError(f"shard {shard}: filtered part {part} does not exist")
+    work = out_dir / f".tmp-{shard}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        url_file = work / "urls.parquet"
+        rows, extras = prepare_url_file(part, url_file, rewrite)
+        if rows == 0:
+            raise NoImagesError(f"shard {shard}: filtered part {part} has no rows")
+        i2d_out = work / "out"
+        args = {
+            "url_list": str(url_file),
+            "input_format": "parquet",
+            "url_col": "url",
+            "caption_col": "caption",
+            "save_additional_columns": extras,
+            "output_format": "webdataset",
+            "output_folder": str(i2d_out),
+            "image_size": cfg.image_size,
+            "resize_mode": cfg.resize_mode,
+            "encode_quality": cfg.encode_quality,
+            "processes_count": cfg.processes_count,
+            "thread_count": cfg.thread_count,
+            "timeout": cfg.timeout_s,
+            "retries": cfg.retries,
+            "number_sample_per_shard": max(rows, 1),
+            "distributor": "multiprocessing",
+            "enable_wandb": False,
+            "incremental_mode": "incremental",  # a fresh folder each run ("overwrite" deletes its own _tmp: 1.47 bug)
+            "compute_hash": None,
+        }
+        run_img2dataset(args, work, cfg, log)
+        produced = {"tar": i2d_out / "00000.tar", "parquet": i2d_out / "00000.parquet",
+                    "stats": i2d_out / "00000_stats.json"}
+        missing = [str(p) for p in produced.values() if not p.is_file()]
+        if missing:
+            raise ShardDownloadError(f"shard {shard}: img2dataset finished without writing {missing}. "
+                                     f"Log tail:\n{_tail(work / 'img2dataset.log')}")
+        stats = json.loads(produced["stats"].read_text())
+        result = pq.read_table(produced["parquet"], columns=["status", "error_message"]).to_pylist()
+        failures = Counter(failure_reason(r["error_message"]) for r in result if r["status"] != "success")
+        successes = sum(1 for r in result if r["status"] == "success")
+        if successes == 0:
+            top = ", ".join(f"{n}× {reason}" for reason, n in failures.most_common(5)) or "no rows"
+            raise NoImagesError(
+                f"shard {shard}: 0 of {rows} images downloaded; failures: {top}. Nothing was written to "
+                f"{out_dir}; check the URLs in {part} and the network.")
+        final = shard_paths(out_dir, shard)
+        sizes = {}
+        for kind in ("tar", "parquet", "stats"):  # stats last: its presence marks a complete shard
+            sizes[kind] = produced[kind].stat().st_size
+            os.replace(produced[kind], final[kind])
+        return ShardReport(
+            shard=shard,
+            rows=rows,
+            successes=successes,
+            failures=dict(failures.most_common()),
+            failed_to_download=int(stats.get("failed_to_download", 0)),
+            failed_to_resize=int(stats.get("failed_to_resize", 0)),
+            bytes=sizes["tar"],
+            tar=str(final["tar"]),
+            parquet=str(final["parquet"]),
+            stats=str(final["stats"]),
+            seconds=round(time.perf_counter() - t0, 2),
+            output_bytes=sizes,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _main(argv: list[str]) -> int:
+    """Child-process entry point: ``python -m sd_core.data.shards ARGS.json``."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = json.loads(Path(argv[1]).read_text())
+    from img2dataset import download
+
+    download(**args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv))
