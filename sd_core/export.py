@@ -1,0 +1,113 @@
+"""`sd export-diffusers`: write a checkpoint as a diffusers ``StableDiffusionPipeline`` folder.
+
+    sd export-diffusers --checkpoint data/checkpoints/<run>/<step> --out exported/
+    python -c "from diffusers import StableDiffusionPipeline as P; P.from_pretrained('exported/')"
+
+The folder holds our UNet converted with :func:`sd_core.convert.to_diffusers` (EMA weights by default), the
+profile's VAE (its ``scaling_factor`` set to the one the latents were trained with), text encoder and
+tokenizer, and a ``DDIMScheduler`` configured exactly as :class:`sd_core.schedulers.DDIMScheduler` (SD 1.x:
+scaled-linear betas 0.00085 → 0.012, ``leading`` spacing, ``steps_offset=1``, ``set_alpha_to_one=False``).
+No safety checker is written (``requires_safety_checker=False``), so ``from_pretrained(DIR)`` needs no extra
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sd_core.schedulers import DDIMScheduler
+
+
+def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scaling_factor: float | None = None,
+                   max_length: int | None = None):
+    """A diffusers ``StableDiffusionPipeline`` around our UNet (converted) and the given components.
+
+    ``scaling_factor`` is written into the VAE config and ``max_length`` into the tokenizer's
+    ``model_max_length``: the pipeline reads both from there, so they must be the ones the UNet was trained
+    with."""
+    from diffusers import DDIMScheduler as DiffusersDDIM
+    from diffusers import StableDiffusionPipeline
+
+    from sd_core.convert import to_diffusers
+    from sd_core.sample import check_compatible
+
+    check_compatible(unet, text_encoder, vae, tokenizer)
+    if scaling_factor is not None and float(vae.config.scaling_factor) != float(scaling_factor):
+        vae.register_to_config(scaling_factor=float(scaling_factor))
+    if max_length is not None:
+        tokenizer.model_max_length = int(max_length)
+    latent_size = None
+    sample_size = getattr(vae.config, "sample_size", None)
+    if sample_size:
+        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        latent_size = int(size) // 2 ** (len(vae.config.block_out_channels) - 1)
+    d_unet = to_diffusers(unet, sample_size=latent_size or 64)
+    cfg = {k: v for k, v in DDIMScheduler().config_dict().items() if not k.startswith("_")}
+    scheduler = DiffusersDDIM(**cfg)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=d_unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def export_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, out_dir: str | os.PathLike[str],
+                    scaling_factor: float | None = None, max_length: int | None = None,
+                    safe_serialization: bool = True) -> Path:
+    """Write the diffusers folder to ``out_dir`` (atomically: a temporary sibling folder renamed into place;
+    an existing ``out_dir`` is replaced). Returns the path."""
+    out = Path(out_dir)
+    pipe = build_pipeline(unet, text_encoder, tokenizer, vae, scaling_factor, max_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=safe_serialization)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sd export-diffusers",
+        description="Export a checkpoint as a diffusers StableDiffusionPipeline folder "
+                    "(loads with StableDiffusionPipeline.from_pretrained(OUT)).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or file (see `sd generate --help`)")
+    parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    parser.add_argument("--profile", default=None, help="profile whose components to use (default: $SD_PROFILE, else the checkpoint's, else tiny)")
+    parser.add_argument("--data-root", default=None,
+                        help="data root holding components/ (default: $SD_DATA_ROOT, else the components folder the "
+                             "trainer recorded, else ./data)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    args = parser.parse_args(argv)
+
+    from sd_core.sample import CompatibilityError, CheckpointError, load_for_sampling
+
+    try:
+        bundle = load_for_sampling(args.checkpoint, profile=args.profile, data_root=args.data_root,
+                                   device="cpu", use_ema=not args.no_ema)
+    except (CheckpointError, CompatibilityError) as exc:
+        print(f"sd export-diffusers: {exc}", file=sys.stderr)
+        return 2
+    out = export_pipeline(bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, args.out,
+                          scaling_factor=bundle.scaling_factor, max_length=bundle.max_length)
+    print(f"wrote {out} (UNet from {bundle.checkpoint}, {'EMA' if bundle.ema else 'raw'} weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,505 @@
+"""Sampling: DDIM with classifier-free guidance, and the `sd generate` command.
+
+    images = generate(unet, text_encoder, tokenizer, vae, ["a red circle on a white background"], seed=0)
+
+The loop is the one of diffusers' ``StableDiffusionPipeline`` (the tests check pixel parity against it on an
+export of the same weights): tokenize to the tokenizer's max length, text embedding = last hidden state,
+unconditional embedding = the empty prompt "" (the convention the trainer's CFG dropout uses) or the negative
+prompt, latents ~ N(0, I), then for every DDIM timestep one UNet call on the batch [uncond; cond] and
+ε = ε_u + g·(ε_c − ε_u), finally ``vae.decode(latents / scaling_factor)`` and [-1, 1] → uint8 PIL.
+
+Seeds: image i gets its own ``torch.Generator`` (CPU) seeded with ``seed + i`` when ``seed`` is an int, or with
+``seed[i]`` when a list is given. That generator draws the image's initial latents and, for eta > 0, its DDIM
+noise. So an image depends only on (prompt, negative prompt, its seed, settings), never on its batch
+neighbours, the batch size or the device's RNG; diffusers gives the same image when handed the same list of
+generators (``generator=[torch.Generator().manual_seed(s) for s in seeds]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from sd_core.checkpoint import CheckpointError
+from sd_core.schedulers import DDIMScheduler
+
+__all__ = ["CheckpointError", "CompatibilityError", "SamplingBundle", "check_compatible", "encode_prompts",
+           "generate", "generate_main", "image_grid", "load_for_sampling", "make_generators", "pick_device"]
+
+
+class CompatibilityError(ValueError):
+    """The UNet, text encoder, tokenizer and VAE (or a checkpoint and a profile) do not fit together."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given, else CUDA, else Apple MPS, else CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
+    """``auto`` → bf16 on CUDA, None (keep fp32) elsewhere; ``fp32`` / ``bf16`` / ``fp16`` as named."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _module_device_dtype(module: Any) -> tuple[torch.device, torch.dtype]:
+    for p in module.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _vae_scale_factor(vae: Any) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _unet_in_channels(unet: Any) -> int:
+    cfg = unet.config
+    return int(getattr(cfg, "in_ch", None) or getattr(cfg, "in_channels"))
+
+
+def _unet_ctx_dim(unet: Any) -> int:
+    cfg = unet.config
+    return int(getattr(cfg, "ctx_dim", None) or getattr(cfg, "cross_attention_dim"))
+
+
+def unet_caller(unet: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``f(x, t, ctx) -> eps`` for our ``UNetModel`` or a diffusers ``UNet2DConditionModel``."""
+    if hasattr(unet.config, "ctx_dim"):  # ours
+        return lambda x, t, ctx: unet(x, t, ctx)
+    return lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+
+def check_compatible(unet: Any, text_encoder: Any, vae: Any, tokenizer: Any = None) -> None:
+    """Raise :class:`CompatibilityError` naming both sides when the components cannot work together."""
+    problems = []
+    hidden = int(text_encoder.config.hidden_size)
+    ctx_dim = _unet_ctx_dim(unet)
+    if hidden != ctx_dim:
+        problems.append(f"text encoder hidden size is {hidden} but the UNet expects a context width (ctx_dim) of "
+                        f"{ctx_dim}")
+    lat = int(vae.config.latent_channels)
+    in_ch = _unet_in_channels(unet)
+    if lat != in_ch:
+        problems.append(f"VAE has {lat} latent channels but the UNet expects in_ch={in_ch}")
+    if tokenizer is not None:
+        vocab = int(text_encoder.config.vocab_size)
+        if len(tokenizer) > vocab:
+            problems.append(f"tokenizer has {len(tokenizer)} tokens but the text encoder's vocab_size is {vocab}")
+    if problems:
+        raise CompatibilityError("components do not fit together: " + "; ".join(problems))
+
+
+def make_generators(seed: int | Sequence[int], n: int) -> list[torch.Generator]:
+    """One CPU generator per image: ``seed + i`` for an int seed, ``seed[i]`` for a list."""
+    if isinstance(seed, (int, np.integer)):
+        seeds = [int(seed) + i for i in range(n)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != n:
+            raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: Sequence[str], max_length: int | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Text context for ``prompts``: the training stack's tokenization (``sd_core.components.tokenize``: BOS,
+    words, EOS, padded/truncated to ``max_length``, default the tokenizer's ``model_max_length``) and the text
+    encoder's last hidden state (``sd_core.components.encode_text``), which is what
+    ``StableDiffusionPipeline.encode_prompt`` computes too."""
+    from sd_core.components import encode_text, tokenize
+
+    max_length = int(max_length or tokenizer.model_max_length)
+    ids = tokenize(tokenizer, list(prompts), max_length)
+    ctx = encode_text(text_encoder, ids)
+    return ctx if device is None else ctx.to(device)
+
+
+def latents_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """VAE output in [-1, 1], (B, 3, H, W) → PIL images (the rounding of diffusers' image processor)."""
+    arr = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    arr = (arr * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+# ------------------------------------------------------------------------------------------ generate
+@torch.no_grad()
+def generate(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer: Any,
+    vae: nn.Module,
+    prompts: str | Sequence[str],
+    negative_prompts: str | Sequence[str] | None = None,
+    steps: int = 30,
+    guidance: float = 7.5,
+    eta: float = 0.0,
+    seed: int | Sequence[int] = 0,
+    height: int = 512,
+    width: int = 512,
+    scaling_factor: float | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    progress: bool = False,
+    output: str = "pil",
+) -> list[Image.Image] | torch.Tensor:
+    """Generate one image per prompt with DDIM (``steps``, ``eta``) and classifier-free guidance.
+
+    ``negative_prompts``: one string for all, or one per prompt; None = the empty prompt. ``guidance`` = 1
+    skips the unconditional pass (the result is the same). ``scaling_factor``: the latent scaling the UNet was
+    trained with; default ``vae.config.scaling_factor``. ``batch_size``: images per UNet batch (default all;
+    the result does not depend on it). Models are used on the device and dtype they are on; latents and the
+    scheduler run in float32, the UNet input is cast to the UNet's dtype. See the module docstring for seeds.
+    ``output="latent"`` skips the VAE decode and returns the final (scaled) latents, (N, C, h, w) float32.
+    """
+    if output not in ("pil", "latent"):
+        raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    n = len(prompts)
+    if n == 0:
+        return []
+    if negative_prompts is None:
+        negatives = [""] * n
+    elif isinstance(negative_prompts, str):
+        negatives = [negative_prompts] * n
+    else:
+        negatives = list(negative_prompts)
+        if len(negatives) != n:
+            raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
+    check_compatible(unet, text_encoder, vae, tokenizer)
+    factor = _vae_scale_factor(vae)
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor} (the VAE's downsampling), got {height}×{width}")
+    scaling = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
+    device, unet_dtype = _module_device_dtype(unet)
+    te_device = _module_device_dtype(text_encoder)[0]
+    vae_device, vae_dtype = _module_device_dtype(vae)
+    call = unet_caller(unet)
+    do_cfg = guidance != 1.0
+    gens = make_generators(seed, n)
+    shape = (1, _unet_in_channels(unet), height // factor, width // factor)
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    bs = batch_size or n
+    images: list[Image.Image] = []
+    final_latents: list[torch.Tensor] = []
+    for start in range(0, n, bs):
+        sl = slice(start, start + bs)
+        chunk_gens = gens[sl]
+        cond = encode_prompts(text_encoder, tokenizer, prompts[sl], max_length, te_device)
+        ctx = cond
+        if do_cfg:
+            uncond = encode_prompts(text_encoder, tokenizer, negatives[sl], cond.shape[1], te_device)
+            ctx = torch.cat([uncond, cond])
+        ctx = ctx.to(device=device, dtype=unet_dtype)
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in chunk_gens]).to(device)
+        latents = latents * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        iterator = timesteps
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(timesteps, desc="ddim", leave=False)
+        for t in iterator:
+            x_in = torch.cat([latents] * 2) if do_cfg else latents
+            t_in = t.to(device).expand(x_in.shape[0])
+            eps = call(x_in.to(unet_dtype), t_in, ctx).float()
+            if do_cfg:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents, eta=eta, generator=chunk_gens if eta > 0 else None)
+        if output == "latent":
+            final_latents.append(latents)
+            continue
+        decoded = vae.decode((latents / scaling).to(device=vae_device, dtype=vae_dtype)).sample
+        images.extend(latents_to_pil(decoded.float()))
+    return torch.cat(final_latents) if output == "latent" else images
+
+
+def image_grid(images: Sequence[Image.Image], rows: int, labels: Sequence[str] | None = None,
+               label_width: int | None = None) -> Image.Image:
+    """Tile ``images`` row by row into a ``rows``-row grid, with an optional text label left of each row."""
+    if not images:
+        raise ValueError("no images for a grid")
+    cols = math.ceil(len(images) / rows)
+    w, h = images[0].size
+    from PIL import ImageDraw, ImageFont
+
+    try:  # a label size that stays readable from 64 px to 512 px tiles (Pillow >= 10.1)
+        font = ImageFont.load_default(size=max(10, h // 16))
+    except TypeError:  # pragma: no cover - older Pillow
+        font = ImageFont.load_default()
+    pad = 4
+    lw = 0
+    if labels:
+        lw = label_width or max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(s, font=font)) for s in labels) + 2 * pad
+    grid = Image.new("RGB", (lw + cols * w, rows * h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(img, (lw + c * w, r * h))
+    if labels:
+        for r, text in enumerate(labels[:rows]):
+            draw.text((pad, r * h + h // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return grid
+
+
+# -------------------------------------------------------------------------------- loading a checkpoint
+@dataclass
+class SamplingBundle:
+    """Everything :func:`generate` needs, loaded from a checkpoint and a profile's components."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    vae: Any
+    scaling_factor: float
+    checkpoint: Path
+    step: int | None
+    ema: bool
+    config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json (lineage included)
+    max_length: int | None = None
+
+
+def _expected_shape_report(weights: dict[str, torch.Tensor], unet_config: Any) -> str:
+    """Which tensors differ in shape / are missing / unexpected, against a UNet built from ``unet_config``."""
+    from sd_core.unet import UNetModel
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNetModel(unet_config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    bad = [f"{k}: checkpoint {got[k]}, expected {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    parts = []
+    if bad:
+        parts.append(f"{len(bad)} shape mismatch(es): " + "; ".join(bad[:6]) + (" …" if len(bad) > 6 else ""))
+    if missing:
+        parts.append(f"{len(missing)} missing: {missing[:6]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {unexpected[:6]}")
+    return "; ".join(parts)
+
+
+def _mismatch_report(ckpt_mod: Any, path: Path, use_ema: bool, fallback_config: Any) -> tuple[str, Path, Any]:
+    """(shape report, weights file, UNet config) for a checkpoint whose weights did not load."""
+    weights_file, ckpt_cfg = ckpt_mod._weights_path(path, use_ema)
+    sd, meta = ckpt_mod.load_weights(weights_file)
+    if "sd_unet_config" in meta:
+        ucfg = ckpt_mod.unet_config_from_dict(json.loads(meta["sd_unet_config"]))
+    elif ckpt_cfg and "unet" in ckpt_cfg:
+        ucfg = ckpt_mod.unet_config_from_dict(ckpt_cfg["unet"])
+    else:
+        ucfg = fallback_config
+    return _expected_shape_report(sd, ucfg), weights_file, ucfg
+
+
+def _max_length_from_config(cfg: dict[str, Any]) -> int | None:
+    """The token length the UNet was trained with (the trainer records ``text.max_length``)."""
+    text = cfg.get("text")
+    value = text.get("max_length") if isinstance(text, dict) else None
+    return int(value) if isinstance(value, int) else None
+
+
+def _scaling_from_config(cfg: dict[str, Any]) -> float | None:
+    for key in ("scaling_factor", "vae_scaling_factor", "latent_scaling_factor"):
+        if isinstance(cfg.get(key), (int, float)):
+            return float(cfg[key])
+    for section in ("latents", "vae", "components", "lineage"):
+        sub = cfg.get(section)
+        if isinstance(sub, dict):
+            found = _scaling_from_config(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _load_components(profile: Any, device: torch.device) -> tuple[Any, Any, Any]:
+    """(text_encoder, tokenizer, vae) of a profile via ``sd_core.components.load_components``; a missing tiny
+    build becomes a :class:`CompatibilityError` that says what to run."""
+    from sd_core.components import load_components
+
+    try:
+        comps = load_components(profile, device=device)
+    except FileNotFoundError as exc:
+        raise CompatibilityError(f"profile {profile.name!r}: {exc}") from exc
+    except OSError as exc:  # from_pretrained on a missing local dir / unreachable hub id
+        raise CompatibilityError(f"profile {profile.name!r}: cannot load its components ({exc})") from exc
+    return comps.text_encoder, comps.tokenizer, comps.vae
+
+
+def load_for_sampling(
+    checkpoint: str | Path,
+    profile: Any = None,
+    data_root: str | Path | None = None,
+    device: str | torch.device | None = None,
+    use_ema: bool = True,
+    dtype: torch.dtype | None = None,
+) -> SamplingBundle:
+    """Load a checkpoint's UNet (EMA weights by default) and the profile's frozen components, and check that
+    they fit (context width, latent channels, vocabulary). Errors name the checkpoint and the expected shapes.
+
+    ``profile``: a ``Profile``, a profile name, or None: then ``$SD_PROFILE``, else the profile the checkpoint
+    was trained with (its ``config.json``), else ``tiny``. ``data_root``: None → ``$SD_DATA_ROOT``, else the
+    data root of the components the trainer recorded (``text.components``) when that folder still exists,
+    else ``./data``. So ``sd generate --checkpoint RUN_DIR`` works without further flags on the machine that
+    trained it.
+    """
+    import os
+
+    from sd_core import checkpoint as ckpt_mod
+    from sd_core.config import DATA_ROOT_ENV, PROFILE_ENV, Profile, get_profile
+
+    dev = pick_device(str(device) if device is not None else None)
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    bare_file = path.is_file() and path.suffix == ".safetensors"
+    ckpt_dir = path if bare_file else ckpt_mod.resolve_checkpoint(path)
+    if bare_file:  # a weights file: its own weights, and the config.json beside it when there is one
+        side = path.parent / ckpt_mod.CONFIG_FILE
+        cfg = json.loads(side.read_text()) if side.exists() else {}
+    else:
+        cfg = ckpt_mod.read_config(ckpt_dir)
+    if not isinstance(profile, Profile):
+        if profile is None and not os.environ.get(PROFILE_ENV) and isinstance(cfg.get("profile"), str):
+            profile = cfg["profile"]
+        if data_root is None and not os.environ.get(DATA_ROOT_ENV):
+            text = cfg.get("text") if isinstance(cfg.get("text"), dict) else {}
+            comp = Path(str(text.get("components", ""))) if text.get("components") else None
+            if comp is not None and comp.name == "components" and comp.is_dir():
+                data_root = comp.parent
+        profile = get_profile(profile, data_root)
+    try:
+        try:
+            unet = ckpt_mod.load_unet(path, ema=use_ema, device=dev, dtype=dtype)
+        except CheckpointError as exc:
+            if "carries no UNet config" not in str(exc):
+                raise
+            unet = ckpt_mod.load_unet(path, ema=use_ema, device=dev, dtype=dtype, config=profile.unet)
+    except (CheckpointError, RuntimeError) as exc:
+        report, weights_file, ucfg = _mismatch_report(ckpt_mod, path, use_ema, profile.unet)
+        if not report:
+            raise
+        raise CheckpointError(f"checkpoint {weights_file} does not match its UNet config {ucfg}: {report}") from exc
+    te, tok, vae = _load_components(profile, dev)
+    try:
+        check_compatible(unet, te, vae, tok)
+    except CompatibilityError as exc:
+        trained = cfg.get("profile")
+        hint = f"; the checkpoint was trained with profile {trained!r}" if isinstance(trained, str) else ""
+        raise CompatibilityError(
+            f"checkpoint {ckpt_dir} does not fit profile {profile.name!r}'s components: {exc} (checkpoint UNet: "
+            f"ctx_dim={unet.config.ctx_dim}, in_ch={unet.config.in_ch}; profile UNet: ctx_dim={profile.unet.ctx_dim}, "
+            f"in_ch={profile.unet.in_ch}){hint}. Pass --profile/--data-root of the run that trained it."
+        ) from exc
+    scaling = _scaling_from_config(cfg) or float(vae.config.scaling_factor)
+    step = cfg.get("step") if isinstance(cfg.get("step"), int) else None
+    if bare_file:
+        ema_used = path.name == ckpt_mod.EMA_FILE
+    else:
+        ema_used = use_ema and (ckpt_dir / ckpt_mod.EMA_FILE).exists()
+    return SamplingBundle(unet=unet, text_encoder=te, tokenizer=tok, vae=vae, scaling_factor=scaling,
+                          checkpoint=ckpt_dir, step=step, ema=bool(ema_used), config=cfg,
+                          max_length=_max_length_from_config(cfg) or profile.components.max_length)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def _safe_name(text: str, limit: int = 60) -> str:
+    keep = "".join(ch if ch.isalnum() else "_" for ch in text.strip().lower())
+    return "_".join(filter(None, keep.split("_")))[:limit] or "image"
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """`sd generate`: write one PNG per prompt (× --num-images) into --out."""
+    parser = argparse.ArgumentParser(
+        prog="sd generate",
+        description="Generate images from a trained checkpoint with DDIM + classifier-free guidance. "
+                    "Image i of a run uses seed SEED + i (one generator per image), so the same command "
+                    "always writes the same images.",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (step_XXXXXXXX), run directory (uses 'latest') or .safetensors file")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt")
+    src.add_argument("--batch", help="a text file with one prompt per line (blank lines and #comments skipped)")
+    parser.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the profile's, 30)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the profile's, 7.5)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the profile's)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the profile's)")
+    parser.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: first available)")
+    parser.add_argument("--profile", default=None, help="profile of the components (default: $SD_PROFILE, else the checkpoint's, else tiny)")
+    parser.add_argument("--data-root", default=None,
+                        help="data root holding components/ (default: $SD_DATA_ROOT, else the components folder the "
+                             "trainer recorded, else ./data)")
+    parser.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA weights")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per UNet batch (default 8)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="UNet weights dtype (default auto: bf16 on CUDA, fp32 elsewhere); latents and the "
+                             "scheduler always run in fp32")
+    args = parser.parse_args(argv)
+
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        batch = Path(args.batch)
+        if not batch.is_file():
+            print(f"sd generate: prompt file not found: {batch}", file=sys.stderr)
+            return 2
+        prompts = [ln.strip() for ln in batch.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if not prompts:
+            print(f"sd generate: {batch} holds no prompts", file=sys.stderr)
+            return 2
+    if args.num_images < 1:
+        print("sd generate: --num-images must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        device = pick_device(args.device)
+        bundle = load_for_sampling(args.checkpoint, profile=args.profile, data_root=args.data_root,
+                                   device=device, use_ema=not args.no_ema, dtype=resolve_dtype(args.dtype, device))
+    except (CheckpointError, CompatibilityError) as exc:
+        print(f"sd generate: {exc}", file=sys.stderr)
+        return 2
+    from sd_core.config import get_profile
+
+    sample_cfg = get_profile(args.profile, args.data_root).sample
+    expanded = [p for p in prompts for _ in range(args.num_images)]
+    images = generate(
+        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, expanded,
+        negative_prompts=args.negative, steps=args.steps or sample_cfg.steps,
+        guidance=args.guidance if args.guidance is not None else sample_cfg.guidance, eta=args.eta,
+        seed=args.seed, height=args.height or sample_cfg.height, width=args.width or sample_cfg.width,
+        scaling_factor=bundle.scaling_factor, batch_size=args.batch_size, max_length=bundle.max_length,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, img) in enumerate(zip(expanded, images)):
+        path = out / f"{i:04d}_seed{args.seed + i}_{_safe_name(prompt)}.png"
+        img.save(path)
+        print(path)
+    return 0
