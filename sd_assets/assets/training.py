@@ -1,1 +1,234 @@
-"""training assets (filled by its issue)."""
+"""Training assets: `unet_checkpoint`, the UNet trained by `sd_core.train` under torchrun via Dagster Pipes.
+
+The asset runs ``python -m torch.distributed.run --standalone --nproc_per_node=N -m sd_core.train ...`` (the
+venv's own torchrun) through ``dg.PipesSubprocessClient``. Global rank 0 of the trainer opens Pipes and reports
+the materialisation (steps, losses, samples/s, checkpoint path, wandb run) with the hash of the latent manifest
+it trained on as data version; the other ranks only print (their output still reaches the run log). Here the
+report is completed with our own lineage (the trained shard list, filter and source config, manifest hash:
+Dagster stops tracking staleness past 100 upstream partitions), a loss-curve plot (train and validation, a
+base64 PNG in markdown) and the asset check "the checkpoint loads and holds no NaN/inf".
+
+N: ``TrainAssetConfig.nproc_per_node``, else ``TrainConfig.nproc_per_node``, else the visible GPU count, or 1 on
+CPU. The run directory is ``{checkpoints_dir}/{run_name or the Dagster run id}``; with ``run_name`` set a later
+materialisation continues the same run (``--resume auto``).
+
+Failure and cancellation: a rank that raises writes its traceback to ``{run}/errors/rank{R}.txt``; torchrun
+then stops the other ranks and exits non-zero, and the step fails with those tracebacks in its error. On
+cancellation Pipes forwards SIGINT to torchrun, which terminates its workers; afterwards any trainer process
+still alive (recorded in ``{run}/pids/``, matched on its command line) is terminated, so no trainer outlives
+its run.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError  # not re-exported by `dagster` in 1.13
+
+from sd_assets.resources import SDConfig
+
+LATENTS = dg.AssetKey("latents")
+COMPONENTS = dg.AssetKey("frozen_components")
+CHECK_NAME = "checkpoint_loads_and_is_finite"
+
+
+class TrainAssetConfig(dg.Config):
+    """Run config of `unet_checkpoint` (the recipe itself lives in the profile's ``train`` section; set it with
+    the ``sd`` resource's ``overrides``, e.g. ``{"train": {"max_steps": 300}}``)."""
+
+    run_name: str = ""  # run directory name under checkpoints/; "" = the Dagster run id (a fresh run)
+    resume: str = "auto"  # auto | none | a checkpoint path
+    nproc_per_node: int = 0  # 0: TrainConfig.nproc_per_node, else visible GPUs, else 1
+    extra_args: list[str] = []  # appended to the trainer's command line (e.g. ["--compile"])
+    env: dict[str, str] = {}  # extra environment for the trainer (NCCL settings, SD_TRAIN_FAULT in tests)
+
+
+def _nproc(config: TrainAssetConfig, train_nproc: int | None) -> int:
+    if config.nproc_per_node > 0:
+        return config.nproc_per_node
+    if train_nproc:
+        return int(train_nproc)
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no torch/CUDA: one CPU process
+        return 1
+
+
+def trainer_command(profile_name: str, data_root: Path, overrides: dict[str, Any], out: Path, run_id: str,
+                    resume: str, nproc: int, extra_args: list[str]) -> list[str]:
+    """The torchrun command line of a training run (the venv's interpreter, so its torch is used)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "sd_core.train",
+        "--profile", profile_name, "--data-root", str(data_root), "--overrides", json.dumps(overrides or {}),
+        "--output-dir", str(out), "--run-id", run_id, "--resume", resume, *extra_args,
+    ]
+
+
+def _rank_errors(out: Path, limit: int = 4000) -> str:
+    """What the failed ranks wrote: one summary line per rank (its exception), then each traceback's tail."""
+    files = sorted((out / "errors").glob("rank*.txt"))
+    texts = {f.stem: f.read_text(errors="replace").strip() for f in files}
+    summary = [f"{rank}: {text.splitlines()[-1] if text else '?'}" for rank, text in texts.items()]
+    details = [f"--- {rank} ---\n{text[-limit:]}" for rank, text in texts.items()]
+    return "\n".join(summary + details)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def trainer_processes(out: Path) -> list[int]:
+    """PIDs of live processes of this run's trainer (ranks and their torchrun agent), from ``{out}/pids``,
+    confirmed by their command line naming ``sd_core.train`` and this run directory."""
+    pids: set[int] = set()
+    for f in (out / "pids").glob("rank*.json"):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        pids.update(int(rec[k]) for k in ("pid", "ppid") if k in rec)
+    alive = []
+    for pid in sorted(pids):
+        cmd = _cmdline(pid)
+        if "sd_core.train" in cmd and str(out) in cmd and pid != os.getpid():
+            alive.append(pid)
+    return alive
+
+
+def stop_trainer_processes(out: Path, grace_s: float = 10.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace_s``, every trainer process of this run still alive."""
+    pids = trainer_processes(out)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and trainer_processes(out):
+        time.sleep(0.2)
+    for pid in trainer_processes(out):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
+    """Both weight sets of the checkpoint load into a UNet and hold only finite numbers."""
+    from sd_core.checkpoint import load_unet, nonfinite_tensors
+
+    if ckpt is None:
+        return dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata={"error": "no checkpoint"})
+    try:
+        n_params = {}
+        for ema in (True, False):
+            unet = load_unet(ckpt, ema=ema)
+            n_params["ema" if ema else "unet"] = sum(p.numel() for p in unet.parameters())
+        bad = nonfinite_tensors(ckpt)
+    except Exception as e:  # noqa: BLE001 - a check reports, it does not crash the step
+        return dg.AssetCheckResult(check_name=CHECK_NAME, passed=False,
+                                   metadata={"error": f"{type(e).__name__}: {e}", "checkpoint": str(ckpt)})
+    n_bad = sum(len(v) for v in bad.values())
+    return dg.AssetCheckResult(
+        check_name=CHECK_NAME, passed=n_bad == 0,
+        metadata={"checkpoint": dg.MetadataValue.path(str(ckpt)), "parameters": n_params["unet"],
+                  "nonfinite_tensors": dg.MetadataValue.json(bad)},
+    )
+
+
+@dg.asset(
+    group_name="training",
+    deps=[LATENTS, COMPONENTS],
+    kinds={"pytorch"},
+    pool="gpu",
+    code_version="unet_checkpoint-1",
+    check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="unet_checkpoint", blocking=True,
+                                   description="the checkpoint's UNet and EMA weights load and hold no NaN/inf")],
+)
+def unet_checkpoint(context: dg.AssetExecutionContext, config: TrainAssetConfig, sd: SDConfig
+                    ) -> dg.MaterializeResult:
+    """The UNet trained on every encoded latent shard (torchrun + Dagster Pipes; see the module docs)."""
+    from sd_core.checkpoint import CheckpointError, read_config, resolve_checkpoint
+    from sd_core.metrics_log import loss_curve_markdown, read_metrics
+
+    profile = sd.get()
+    data_root = profile.data_root.resolve()
+    run_id = config.run_name or context.run_id
+    out = (profile.checkpoints_dir / run_id).resolve()
+    nproc = _nproc(config, profile.train.nproc_per_node)
+    cmd = trainer_command(profile.name, data_root, dict(sd.overrides or {}), out, run_id, config.resume, nproc,
+                          list(config.extra_args))
+    env = {"PYTHONUNBUFFERED": "1", "SD_PROFILE": profile.name, "SD_DATA_ROOT": str(data_root)}
+    if not _cuda_visible():  # torchrun would pin every CPU rank to one thread
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env.update(config.env)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("errors", "pids"):
+        for f in (out / stale).glob("rank*"):
+            f.unlink()
+    context.log.info(f"launching the trainer ({nproc} process(es)): {' '.join(cmd)}")
+
+    client = dg.PipesSubprocessClient(forward_termination=True, termination_timeout_seconds=30)
+    try:
+        invocation = client.run(context=context, command=cmd, env=env)
+    except DagsterPipesExecutionError as e:
+        errors = _rank_errors(out)
+        raise dg.Failure(
+            description=f"the trainer failed: {e}\n{errors or '(no rank wrote a traceback; see the stderr log)'}",
+            metadata={"output_dir": dg.MetadataValue.path(str(out)), "command": " ".join(cmd)},
+        ) from e
+    finally:
+        left = stop_trainer_processes(out)
+        if left:
+            context.log.warning(f"terminated leftover trainer processes {left}")
+
+    reported = invocation.get_materialize_result()
+    metadata: dict[str, Any] = dict(reported.metadata or {})
+    raw_ckpt = metadata.get("checkpoint_path")
+    ckpt_path = getattr(raw_ckpt, "value", raw_ckpt) if raw_ckpt is not None else None
+    try:
+        ckpt = resolve_checkpoint(ckpt_path or out)
+    except CheckpointError:
+        ckpt = None
+
+    # our own lineage: what this checkpoint was trained on (recorded by the trainer in config.json)
+    if ckpt is not None:
+        cfg = read_config(ckpt)
+        metadata["checkpoint_path"] = dg.MetadataValue.path(str(ckpt))
+        metadata["step"] = int(cfg.get("step", 0))
+        metadata["shards"] = dg.MetadataValue.json(cfg.get("shards", []))
+        metadata["num_shards"] = len(cfg.get("shards", []))
+        metadata["filter_config"] = dg.MetadataValue.json(cfg.get("filter", {}))
+        metadata["source"] = dg.MetadataValue.json(cfg.get("source", {}))
+        metadata["manifest_hash"] = str(cfg.get("manifest_hash", ""))
+        metadata["train_config"] = dg.MetadataValue.json(cfg.get("train", {}))
+    records = read_metrics(out)
+    if records:
+        metadata["loss_curve"] = dg.MetadataValue.md(loss_curve_markdown(records))
+    metadata["run_id"] = run_id
+    metadata["nproc_per_node"] = nproc
+    data_version = reported.data_version or (dg.DataVersion(str(metadata["manifest_hash"]))
+                                             if "manifest_hash" in metadata else None)
+    return dg.MaterializeResult(metadata=metadata, data_version=data_version,
+                                check_results=[checkpoint_check(ckpt)])
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False

@@ -1,0 +1,376 @@
+"""Training checkpoints: safetensors weights plus a ``weights_only`` trainer state, written atomically.
+
+Layout of one training run's output directory (``--output-dir``, by default
+``{data_root}/checkpoints/{run}``)::
+
+    step_00000500/
+        unet.safetensors    the live UNet weights (no ``module.`` / ``_orig_mod.`` prefixes)
+        ema.safetensors     the EMA shadow weights (float32), same keys
+        config.json         {"format", "step", "unet": UNetConfig fields, "text": {...}, "manifest_hash", ...}
+        state.pt            optimiser, LR schedule, step, RNG states of every rank, data position, EMA counters
+                            (plain tensors / dicts / lists / numbers only: loaded with ``weights_only=True``)
+    step_00001000/ ...
+    latest                  one line: the name of the newest complete checkpoint directory
+    metrics.jsonl           the trainer's log (see ``sd_core.train``)
+
+Both safetensors files also carry the UNet config in their header metadata (``sd_unet_config``), so a single
+``.safetensors`` file is self-describing.
+
+Atomicity: a checkpoint is written into a temporary directory next to its final name (every file fsynced),
+then renamed into place; only then is ``latest`` replaced (temp file + ``os.replace``). A crash at any point
+leaves the previous checkpoint and ``latest`` intact; leftover ``.tmp-*`` directories are removed by the next
+save. ``keep_last`` prunes older checkpoints after the pointer moved (never the one ``latest`` names).
+
+Loading never unpickles arbitrary objects: weights come from safetensors and ``state.pt`` goes through
+``torch.load(weights_only=True)``.
+
+Public entry points used elsewhere: :func:`load_unet` (sampling, export, the asset check),
+:func:`resolve_checkpoint`, :func:`save_checkpoint` / :func:`load_train_state` (the trainer),
+:func:`strip_prefixes`, :func:`nonfinite_tensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+FORMAT = 1
+UNET_FILE = "unet.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_META_KEY = "sd_unet_config"
+
+__all__ = [
+    "CheckpointError",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_train_state",
+    "load_unet",
+    "load_weights",
+    "nonfinite_tensors",
+    "read_config",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "save_weights",
+    "step_dir_name",
+    "strip_prefixes",
+    "unet_config_from_dict",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the model."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def step_dir_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step of a ``step_XXXXXXXX`` checkpoint directory."""
+    m = _STEP_DIR.match(Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step_00000500)")
+    return int(m.group(1))
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) wrapper prefixes, in any nesting;
+    two keys that collapse to one name are an error (they would silently overwrite each other)."""
+    from sd_core.convert import strip_wrapper_prefixes
+
+    out = strip_wrapper_prefixes(state_dict)
+    if len(out) != len(state_dict):
+        raise CheckpointError("state dict has keys that differ only by wrapper prefixes (module./_orig_mod.)")
+    return out
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return dict(config)
+
+
+def unet_config_from_dict(d: Mapping[str, Any]):
+    """A ``UNetConfig`` from its JSON form (lists back to tuples; unknown keys are an error)."""
+    from sd_core.config import UNetConfig
+
+    names = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CheckpointError(f"unknown UNetConfig fields in checkpoint: {unknown}")
+    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ------------------------------------------------------------------------------------------- weights
+def save_weights(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write a state dict as safetensors (prefixes stripped, tensors made contiguous on CPU), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in strip_prefixes(state_dict).items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | os.PathLike[str], device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict with wrapper prefixes stripped, header metadata) of a safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = dict(f.metadata() or {})
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    return strip_prefixes(sd), meta
+
+
+# ------------------------------------------------------------------------------------- run directory
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    found = [p for p in run.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint ``latest`` names (``None`` when the run has none)."""
+    run = Path(run_dir)
+    pointer = run / LATEST
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    ckpt = run / name
+    if not (ckpt / STATE_FILE).exists():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint in {run}")
+    return ckpt
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory from a checkpoint directory, a run directory (follows ``latest``) or a file
+    inside a checkpoint directory."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (p / CONFIG_FILE).exists() and ((p / UNET_FILE).exists() or (p / EMA_FILE).exists()):
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise CheckpointError(f"{path} is neither a checkpoint directory nor a run directory with a '{LATEST}' "
+                              f"pointer")
+    return ckpt
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint (directory, run directory or file inside one)."""
+    ckpt = resolve_checkpoint(path)
+    with open(ckpt / CONFIG_FILE) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    unet_state: Mapping[str, torch.Tensor],
+    ema_state: Mapping[str, torch.Tensor] | None,
+    train_state: Mapping[str, Any],
+    unet_config: Any,
+    extra_config: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write ``{run_dir}/step_XXXXXXXX`` atomically, point ``latest`` at it, prune to ``keep_last``.
+
+    ``train_state`` must hold only what ``torch.load(weights_only=True)`` accepts (tensors, dicts, lists,
+    tuples, str, numbers, None). ``extra_config`` is merged into ``config.json`` (manifest hash, text encoder,
+    profile name, ...). Returns the checkpoint directory.
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    for stale in run.glob(".tmp-step_*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+
+    name = step_dir_name(step)
+    final = run / name
+    tmp = run / f".tmp-{name}-{os.getpid()}"
+    ucfg = _config_dict(unet_config)
+    config = {"format": FORMAT, "step": int(step), "unet": ucfg, "saved_at": time.time(),
+              **dict(extra_config or {})}
+    meta = {_META_KEY: json.dumps(ucfg), "format": "sd-pipeline", "step": str(int(step))}
+    tmp.mkdir()
+    try:
+        save_weights(tmp / UNET_FILE, unet_state, meta)
+        if ema_state is not None:
+            save_weights(tmp / EMA_FILE, ema_state, meta)
+        state_tmp = tmp / STATE_FILE
+        torch.save(dict(train_state), state_tmp)
+        _fsync_file(state_tmp)
+        _write_text_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (a resumed run passing an older run's checkpoint): swap it out
+            old = run / f".tmp-old-{name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(run)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(run / LATEST, name + "\n")
+    if keep_last is not None and keep_last > 0:
+        prune_checkpoints(run, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
+    run = Path(run_dir)
+    current = latest_checkpoint(run)
+    ckpts = list_checkpoints(run)
+    removed = []
+    for p in ckpts[:-keep_last] if keep_last > 0 else []:
+        if current is not None and p.resolve() == current.resolve():
+            continue
+        # rename first so a half-deleted directory is never mistaken for a checkpoint
+        doomed = run / f".tmp-del-{p.name}-{os.getpid()}"
+        os.rename(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------- load
+def load_train_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The trainer state of a checkpoint, loaded with ``weights_only=True`` (never arbitrary unpickling)."""
+    ckpt = resolve_checkpoint(path)
+    state_path = ckpt / STATE_FILE
+    if not state_path.exists():
+        raise CheckpointError(f"{ckpt} has no {STATE_FILE}: it holds weights only and cannot be resumed from")
+    return torch.load(state_path, map_location=map_location, weights_only=True)
+
+
+def _weights_path(path: Path, ema: bool) -> tuple[Path, dict[str, Any] | None]:
+    """The safetensors file to load and, when it sits in a checkpoint directory, its config.json."""
+    if path.is_file() and path.suffix == ".safetensors":
+        cfg_file = path.parent / CONFIG_FILE
+        return path, (json.loads(cfg_file.read_text()) if cfg_file.exists() else None)
+    ckpt = resolve_checkpoint(path)
+    config = json.loads((ckpt / CONFIG_FILE).read_text())
+    wanted = ckpt / (EMA_FILE if ema else UNET_FILE)
+    if not wanted.exists():
+        if ema and (ckpt / UNET_FILE).exists():
+            wanted = ckpt / UNET_FILE  # a checkpoint saved without EMA
+        else:
+            raise CheckpointError(f"{wanted} not found")
+    return wanted, config
+
+
+def load_unet(
+    path: str | os.PathLike[str],
+    *,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: Any = None,
+    use_ema: bool | None = None,
+):
+    """A ``UNetModel`` (eval mode) with a checkpoint's weights.
+
+    ``path``: a checkpoint directory, a run directory (its ``latest`` checkpoint) or a ``.safetensors`` file
+    (ours, or any UNet state dict, with or without ``module.`` / ``_orig_mod.`` prefixes). ``ema``: the EMA
+    weights (default; falls back to the live weights when the checkpoint has no EMA) or the live ones.
+    ``config``: a ``UNetConfig`` for files that do not carry one. ``use_ema``: an alias of ``ema``.
+    The checkpoint's ``config.json`` (step, lineage) is :func:`read_config`.
+    """
+    from sd_core.unet import UNetModel
+
+    if use_ema is not None:
+        ema = use_ema
+
+    weights, ckpt_config = _weights_path(Path(path), ema)
+    sd, meta = load_weights(weights)
+    if config is None:
+        if _META_KEY in meta:
+            config = unet_config_from_dict(json.loads(meta[_META_KEY]))
+        elif ckpt_config is not None and "unet" in ckpt_config:
+            config = unet_config_from_dict(ckpt_config["unet"])
+        else:
+            raise CheckpointError(f"{weights} carries no UNet config; pass config=UNetConfig(...)")
+    model = UNetModel(config)
+    expected = model.state_dict()
+    wrong = sorted(k for k in sd.keys() & expected.keys() if tuple(sd[k].shape) != tuple(expected[k].shape))
+    if wrong:
+        raise CheckpointError(f"{weights} does not match the UNet config: shape mismatch in {wrong[:5]}"
+                              f"{' ...' if len(wrong) > 5 else ''}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match the UNet config: missing {sorted(missing)[:10]}, "
+                              f"unexpected {sorted(unexpected)[:10]}")
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def nonfinite_tensors(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Names of tensors holding NaN/inf in a checkpoint's weight files: ``{file name: [tensor names]}``
+    (empty lists when clean). Used by the ``unet_checkpoint`` asset check."""
+    ckpt = resolve_checkpoint(path)
+    out: dict[str, list[str]] = {}
+    for name in (UNET_FILE, EMA_FILE):
+        f = ckpt / name
+        if f.exists():
+            sd, _ = load_weights(f)
+            out[name] = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    return out
