@@ -302,7 +302,7 @@ def load_train_state(path: str | os.PathLike[str], map_location: str | torch.dev
     return torch.load(state_path, map_location=map_location, weights_only=True)
 
 
-def _weights_path(path: Path, ema: bool) -> tuple[Path, dict[str, Any] | None]:
+def weights_path(path: Path, ema: bool) -> tuple[Path, dict[str, Any] | None]:
     """The safetensors file to load and, when it sits in a checkpoint directory, its config.json."""
     if path.is_file() and path.suffix == ".safetensors":
         cfg_file = path.parent / CONFIG_FILE
@@ -340,7 +340,7 @@ def load_unet(
     if use_ema is not None:
         ema = use_ema
 
-    weights, ckpt_config = _weights_path(Path(path), ema)
+    weights, ckpt_config = weights_path(Path(path), ema)
     sd, meta = load_weights(weights)
     if config is None:
         if _META_KEY in meta:

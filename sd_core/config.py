@@ -31,8 +31,13 @@ DEFAULT_DATA_ROOT = "data"
 class UNetConfig:
     """Shape of the denoising UNet; names follow the seed write-up and CompVis ``openaimodel.py``.
 
-    ``attn_lvls`` are the resolution levels (indices into ``ch_mults``) whose blocks carry a
-    SpatialTransformer; the middle block always has one.
+    ``ch_mults``: width of each resolution level as a multiple of ``ch`` (level 1 = full latent resolution,
+    each further level halves it). ``attn_lvls``: the levels, counted from 1, whose blocks carry a
+    SpatialTransformer; the middle block always has one. So SD 1.5's ``attn_lvls=(1, 2, 3)`` puts attention
+    at 64, 32 and 16 (latent px) and none at 8, which is what gives its 859,520,964 parameters (0-based,
+    attention at 32, 16 and 8 instead, it would be 1,020,594,564). ``heads``: attention heads per
+    SpatialTransformer (head width = channels // heads), like CompVis ``num_heads`` and diffusers'
+    ``attention_head_dim`` in SD 1.x configs. ``t_dim`` = 4 x ``ch``.
     """
 
     in_ch: int = 4
@@ -47,6 +52,18 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        n = len(self.ch_mults)
+        bad_lvls = [lvl for lvl in self.attn_lvls if not 1 <= lvl <= n]
+        if bad_lvls:
+            raise ValueError(f"UNetConfig.attn_lvls {bad_lvls} out of range: levels are counted 1..{n} (len(ch_mults))")
+        for mult in self.ch_mults:
+            width = mult * self.ch
+            if width % self.norm_groups:
+                raise ValueError(f"UNetConfig: width {width} (ch x {mult}) not divisible by norm_groups={self.norm_groups}")
+            if width % self.heads:
+                raise ValueError(f"UNetConfig: width {width} (ch x {mult}) not divisible by heads={self.heads}")
+
     @property
     def t_dim(self) -> int:
         """Width of the time embedding (4 × ch, as in SD)."""
@@ -58,8 +75,9 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
-        """A few M parameters: one CPU training step on 16×16 latents in well under a second."""
-        return cls(ch=64, ch_mults=(1, 2, 2), res_blks=1, attn_lvls=(1, 2), heads=4, ctx_dim=64)
+        """4.1M parameters: one CPU training step (AdamW, batch 32, 16×16 latents, 16 context tokens) takes
+        ~0.2 s on 2 cores. No attention at the full 16×16 level: at this size it would cost ~2× the time."""
+        return cls(ch=32, ch_mults=(1, 2, 4), res_blks=1, attn_lvls=(2, 3), heads=4, ctx_dim=64)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -67,12 +85,16 @@ class UNetConfig:
 class SourceConfig:
     """Where `laion_metadata` comes from.
 
-    kind: ``synthetic`` (embedded shapes served on loopback), ``parquet`` (a local or remote path or glob in
-    ``uri``) or ``hf`` (a Hugging Face dataset repo id in ``uri``, fetched with ``huggingface_hub``).
+    kind: ``synthetic`` (embedded shapes served on loopback), ``parquet`` (in ``uri``: a local file, folder or
+    glob, an ``http(s)://`` URL of one file, or a pyarrow filesystem URI such as ``s3://bucket/dir/*.parquet``)
+    or ``hf`` (a Hugging Face dataset repo id in ``uri``, optionally followed by a file pattern:
+    ``org/name`` or ``org/name/data/*.parquet``; fetched with ``huggingface_hub.snapshot_download``).
+    ``synthetic_*``: rows, seed and base image side of the embedded source (`sd_core.data.synthetic`).
     """
 
     kind: Literal["synthetic", "parquet", "hf"] = "synthetic"
     uri: str | None = None
+    hf_revision: str | None = None
     synthetic_rows: int = 1200
     synthetic_seed: int = 0
     synthetic_image_size: int = 64
@@ -80,42 +102,56 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """The seeds' quality filters. A NULL value fails its filter. Applied in field order below."""
+    """The seeds' quality filters, applied in field order below (the funnel order). ``None`` disables a filter.
 
-    min_aesthetic: float = 6.5
-    min_similarity: float = 0.28
-    min_side: int = 512
-    min_aspect: float = 0.5
-    max_aspect: float = 2.0
-    min_caption_len: int = 20
-    max_caption_len: int = 300
-    max_pwatermark: float = 0.5
-    max_punsafe: float = 0.5
+    Bounds are inclusive (``aesthetic >= min_aesthetic``, ``min_aspect <= width/height <= max_aspect``,
+    caption length in characters) except the probabilities, which must stay strictly below their maximum
+    (``pwatermark < max_pwatermark``). Safety: ``NSFW in nsfw_allowed`` for files that carry the
+    laion2B-en ``NSFW`` string column, else ``punsafe < max_punsafe``. A NULL (or NaN) fails its filter;
+    rows without a URL are always dropped; duplicates by URL keep the first row (file order, row order).
+    """
+
+    min_aesthetic: float | None = 6.5
+    min_similarity: float | None = 0.28
+    min_side: int | None = 512
+    min_aspect: float | None = 0.5
+    max_aspect: float | None = 2.0
+    min_caption_len: int | None = 20
+    max_caption_len: int | None = 300
+    max_pwatermark: float | None = 0.5
+    max_punsafe: float | None = 0.5
     nsfw_allowed: tuple[str, ...] = ("UNLIKELY",)
     dedup_by_url: bool = True
 
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    """img2dataset settings for `image_shards` and the shard size of `filtered_metadata`."""
+    """img2dataset settings for `image_shards`, and the rows per shard part of `filtered_metadata`."""
 
     shard_size: int = 10_000
     image_size: int = 512
-    resize_mode: str = "center_crop"
+    resize_mode: str = "center_crop"  # img2dataset: no, border, keep_ratio, keep_ratio_largest, center_crop
+    encode_quality: int = 95
     processes_count: int = 1
     thread_count: int = 16
     timeout_s: int = 10
     retries: int = 0
-    watchdog_s: float = 600.0  # kill a shard download that makes no progress for this long
+    watchdog_s: float = 600.0  # kill a shard download whose output makes no progress for this long
+    max_runtime_s: float | None = None  # kill a shard download that runs longer than this in total
 
 
 # ------------------------------------------------------------------------------------ frozen models
 @dataclass(frozen=True)
 class ComponentsConfig:
-    """The frozen VAE, text encoder and tokenizer: hub ids or local directories, loaded one way.
+    """The frozen VAE, text encoder and tokenizer: hub ids or local directories, loaded one way
+    (`sd_core.components.load_components`).
 
     ``build_tiny``: build small components into ``{data_root}/components`` from the synthetic data (tiny
     profile) instead of loading pretrained ones; they are then loaded from there by the same code path.
+    The ``tiny_*`` and ``vae_fit_*`` fields shape that build only: a word-level tokenizer over the synthetic
+    vocabulary, a seeded random ``CLIPTextModel`` (hidden = ``UNetConfig.ctx_dim``) and an ``AutoencoderKL``
+    with ``tiny_vae_channels`` (len - 1 halvings: 64 px → 16×16 latents) fitted for ``vae_fit_steps`` steps
+    or ``vae_fit_seconds``, whichever comes first. ``tokenizer`` empty: same source as ``text_encoder``.
     """
 
     vae: str = "stabilityai/sd-vae-ft-mse"
@@ -123,30 +159,55 @@ class ComponentsConfig:
     tokenizer: str = "openai/clip-vit-large-patch14"
     build_tiny: bool = False
     max_length: int = 77
-    vae_fit_seconds: float = 180.0  # tiny VAE fitting budget
+    seed: int = 0
+    tiny_text_layers: int = 2
+    tiny_text_heads: int = 4
+    tiny_vae_channels: tuple[int, ...] = (16, 32, 32)
+    tiny_vae_layers_per_block: int = 1
+    tiny_vae_norm_groups: int = 1  # GroupNorm groups; few groups keep absolute colour (see sd_core.vae_fit)
+    vae_fit_seconds: float = 180.0  # tiny VAE fitting budget (wall clock)
+    vae_fit_steps: int | None = None  # cap on fitting steps (None: the time budget alone)
+    vae_fit_batch_size: int = 16
+    vae_fit_lr: float = 3e-3
 
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    """Latent encoding of one shard."""
+    """Latent encoding of one shard (`sd_core.encode.encode_shard`).
+
+    ``resolution``: images are resized (shorter side) and centre-cropped to this square. ``decode_workers``:
+    JPEG-decoding worker processes feeding each encoder process. ``num_gpus``: encoder processes, one per
+    GPU (None: every visible GPU; on CPU always one process). ``autocast_bf16``: bf16 autocast on CUDA.
+    """
 
     resolution: int = 512
     batch_size: int = 32
     decode_workers: int = 2
     num_gpus: int | None = None  # None: every visible GPU, or one CPU process
+    autocast_bf16: bool = True
 
 
 # ----------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe (seeds + DESIGN.md section 5)."""
+    """The training recipe (seeds + DESIGN.md section 5), read by `sd_core.train` (every field has a flag).
+
+    Steps are optimiser steps of ``batch_size`` (per process) × ``grad_accum`` × processes samples;
+    ``max_steps`` and ``epochs`` both bound the run (whichever ends first; ``None`` = unbounded by it).
+    LR: linear warmup over ``warmup_steps``, then cosine to ``lr × min_lr_ratio`` at the last step.
+    ``min_snr_gamma=None`` trains on the unweighted ε-MSE. ``val_share`` of the samples (by a hash of
+    shard and row) is held out; ``val_max_samples`` of them are scored every ``val_every`` steps.
+    ``nproc_per_node`` (the `unet_checkpoint` asset's torchrun): ``None`` = the visible GPU count, or 1 on CPU.
+    ``num_workers``: DataLoader processes reading the latent cache (``None``: 4 on CUDA, 0 on CPU).
+    """
 
     batch_size: int = 32  # per process
     grad_accum: int = 1
     lr: float = 1e-4
+    min_lr_ratio: float = 0.01
     weight_decay: float = 1e-2
     warmup_steps: int = 500
-    max_steps: int = 10_000
+    max_steps: int | None = 10_000
     epochs: int | None = None
     seed: int = 0
     min_snr_gamma: float | None = 5.0
@@ -161,6 +222,8 @@ class TrainConfig:
     log_every: int = 50
     val_share: float = 0.02
     val_every: int = 500
+    val_max_samples: int = 1024
+    num_workers: int | None = None
     nproc_per_node: int | None = None  # None: visible GPU count, or 1 on CPU
     wandb: bool = False
     wandb_mode: str = "offline"
@@ -170,7 +233,15 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class SampleConfig:
-    """Fixed prompts and seeds of the `sample_grid` asset."""
+    """Fixed prompts and seeds of the `sample_grid` asset (and the defaults of `sd generate`).
+
+    The grid has one row per prompt and one column per seed: cell (r, c) is ``prompts[r]`` sampled with seed
+    ``seeds[c]`` (one generator per image, see `sd_core.sample`), so grids of different checkpoints compare
+    cell by cell. DDIM with ``steps`` steps and ``eta``; classifier-free guidance ``guidance`` against the
+    empty prompt, or ``negative_prompt`` when set. ``height``/``width`` in pixels (multiples of the VAE's
+    downsampling). For the tiny profile every prompt names one colour of `sd_core.data.synthetic.COLORS`, which
+    the prompt-adherence score (`sd_core.adherence`) checks.
+    """
 
     prompts: tuple[str, ...] = (
         "a photograph of an astronaut riding a horse",
@@ -241,15 +312,18 @@ class Profile:
         return cls(
             name="tiny",
             data_root=Path(data_root),
-            source=SourceConfig(kind="synthetic"),
+            # 2000 synthetic rows → 1,490 pass the filters (planted rejects: sd_core.data.synthetic) → 3 shards
+            # of ≤ 500 rows, 1,430 images of 64-96 px; ~15 s of img2dataset per shard on 2 cores.
+            source=SourceConfig(kind="synthetic", synthetic_rows=2000, synthetic_image_size=64),
             filter=FilterConfig(min_side=64),
-            download=DownloadConfig(shard_size=400, image_size=64, thread_count=8, timeout_s=5, watchdog_s=120.0),
+            download=DownloadConfig(shard_size=500, image_size=64, thread_count=8, timeout_s=5, watchdog_s=120.0),
             components=ComponentsConfig(vae="", text_encoder="", tokenizer="", build_tiny=True, max_length=16),
             encode=EncodeConfig(resolution=64, batch_size=64, decode_workers=1),
             unet=UNetConfig.tiny(),
             train=TrainConfig(
                 batch_size=32, lr=1e-3, warmup_steps=50, max_steps=1500, min_snr_gamma=5.0, ema_decay=0.999,
-                checkpoint_every=500, log_every=25, val_every=250, val_share=0.05,
+                checkpoint_every=500, log_every=25, val_every=250, val_share=0.05, val_max_samples=256,
+                num_workers=0,
             ),
             sample=SampleConfig(
                 prompts=(

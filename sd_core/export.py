@@ -88,14 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or file (see `sd generate --help`)")
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    parser.add_argument("--profile", default=None, help="profile whose components to use (default: $SD_PROFILE, else the checkpoint's, else tiny)")
-    parser.add_argument("--data-root", default=None,
-                        help="data root holding components/ (default: $SD_DATA_ROOT, else the components folder the "
-                             "trainer recorded, else ./data)")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
-    args = parser.parse_args(argv)
+    from sd_core.sample import CompatibilityError, CheckpointError, add_component_arguments, load_for_sampling
 
-    from sd_core.sample import CompatibilityError, CheckpointError, load_for_sampling
+    add_component_arguments(parser)
+    args = parser.parse_args(argv)
 
     try:
         bundle = load_for_sampling(args.checkpoint, profile=args.profile, data_root=args.data_root,

@@ -303,7 +303,7 @@ def _expected_shape_report(weights: dict[str, torch.Tensor], unet_config: Any) -
 
 def _mismatch_report(ckpt_mod: Any, path: Path, use_ema: bool, fallback_config: Any) -> tuple[str, Path, Any]:
     """(shape report, weights file, UNet config) for a checkpoint whose weights did not load."""
-    weights_file, ckpt_cfg = ckpt_mod._weights_path(path, use_ema)
+    weights_file, ckpt_cfg = ckpt_mod.weights_path(path, use_ema)
     sd, meta = ckpt_mod.load_weights(weights_file)
     if "sd_unet_config" in meta:
         ucfg = ckpt_mod.unet_config_from_dict(json.loads(meta["sd_unet_config"]))
@@ -430,6 +430,17 @@ def _safe_name(text: str, limit: int = 60) -> str:
     return "_".join(filter(None, keep.split("_")))[:limit] or "image"
 
 
+def add_component_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick the weights and components for a checkpoint (shared by `sd generate` and
+    `sd export-diffusers`, so both resolve a checkpoint the same way)."""
+    parser.add_argument("--profile", default=None,
+                        help="profile of the components (default: $SD_PROFILE, else the checkpoint's, else tiny)")
+    parser.add_argument("--data-root", default=None,
+                        help="data root holding components/ (default: $SD_DATA_ROOT, else the components folder the "
+                             "trainer recorded, else ./data)")
+    parser.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA weights")
+
+
 def generate_main(argv: list[str] | None = None) -> int:
     """`sd generate`: write one PNG per prompt (× --num-images) into --out."""
     parser = argparse.ArgumentParser(
@@ -453,11 +464,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=None, help="image width (default: the profile's)")
     parser.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: first available)")
-    parser.add_argument("--profile", default=None, help="profile of the components (default: $SD_PROFILE, else the checkpoint's, else tiny)")
-    parser.add_argument("--data-root", default=None,
-                        help="data root holding components/ (default: $SD_DATA_ROOT, else the components folder the "
-                             "trainer recorded, else ./data)")
-    parser.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA weights")
+    add_component_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per UNet batch (default 8)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="UNet weights dtype (default auto: bf16 on CUDA, fp32 elsewhere); latents and the "

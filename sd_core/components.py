@@ -1,0 +1,392 @@
+"""The frozen components: VAE, CLIP text encoder and tokenizer, loaded one way for every profile.
+
+``load_components(profile)`` resolves three sources (a hub id or a local directory each) and loads them with
+``AutoencoderKL.from_pretrained`` (diffusers), ``CLIPTextModel.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` (transformers). Production defaults (`ComponentsConfig`):
+``stabilityai/sd-vae-ft-mse`` and ``openai/clip-vit-large-patch14``. Everything comes back frozen
+(``requires_grad_(False)``, ``eval()``); the latent scaling factor is read from the VAE config (0.18215 for
+SD 1.x).
+
+The ``tiny`` profile (``components.build_tiny``) first builds its components into
+``{data_root}/components/{vae,text_encoder,tokenizer}`` with `build_tiny_components` (the
+`frozen_components` asset does this) and then loads them from there through the same code:
+
+- tokenizer: a word-level ``tokenizers`` model over the synthetic captions' vocabulary
+  (`sd_core.data.synthetic.vocabulary`), wrapped in ``PreTrainedTokenizerFast`` with CLIP's special tokens
+  (``<|startoftext|>`` / ``<|endoftext|>``, padding with ``<|endoftext|>`` like SD 1.x);
+- text encoder: a small ``CLIPTextModel`` (hidden = the UNet's ``ctx_dim``, seeded random weights, frozen as
+  in the measured baseline of DESIGN.md section 4);
+- VAE: a small ``AutoencoderKL`` (64 px → 4×16×16) fitted on synthetic renders (`sd_core.vae_fit`), with the
+  config's ``scaling_factor`` set to 1 / (latent std) measured after fitting, as SD did.
+
+The build goes to a temporary directory next to the target and is renamed into place, so a killed build
+never leaves a half-written ``components/``. ``build.json`` records the build settings, the fit's
+PSNR and colour fidelity, and a digest of the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sd_core.config import ComponentsConfig, Profile
+
+BUILD_FILE = "build.json"
+BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
+BUILD_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class ComponentSources:
+    """Where each component is loaded from: a hub id or a local directory."""
+
+    vae: str
+    text_encoder: str
+    tokenizer: str
+
+
+def component_sources(profile: Profile) -> ComponentSources:
+    """The tiny profile's built directories, else the configured ids/dirs."""
+    c = profile.components
+    if c.build_tiny:
+        d = profile.components_dir
+        return ComponentSources(str(d / "vae"), str(d / "text_encoder"), str(d / "tokenizer"))
+    return ComponentSources(c.vae, c.text_encoder, c.tokenizer or c.text_encoder)
+
+
+def components_version(profile: Profile) -> str:
+    """A short hash of what decides the latents' meaning and is known from config alone: the component
+    sources (for the tiny profile: the build settings), the encode resolution, ``max_length``. Part of the
+    `latents` asset's ``code_version``; the built weights themselves are covered by `components_digest`."""
+    c = profile.components
+    if c.build_tiny:
+        src: dict[str, Any] = {"tiny": tiny_build_settings(profile)}
+    else:
+        src = {"vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": c.tokenizer or c.text_encoder}
+    src.update(resolution=profile.encode.resolution, max_length=c.max_length)
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def components_digest(profile: Profile) -> str:
+    """A digest of the components actually on disk: the tiny build's weight digest, a local directory's
+    configs and weight sizes, or "" for hub ids (their id is in `components_version`)."""
+    c = profile.components
+    if c.build_tiny:
+        info = read_build_info(profile.components_dir)
+        return str(info.get("digest", "")) if info else ""
+    h = hashlib.sha256()
+    local = False
+    for src in (c.vae, c.text_encoder, c.tokenizer or c.text_encoder):
+        p = Path(src)
+        if p.is_dir():
+            local = True
+            for f in sorted(p.rglob("*")):
+                if f.is_file():
+                    h.update(f.relative_to(p).as_posix().encode())
+                    h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return h.hexdigest()[:12] if local else ""
+
+
+def read_build_info(components_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    p = Path(components_dir) / BUILD_FILE
+    if not p.exists():
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+# -------------------------------------------------------------------------------------------- loading
+@dataclass
+class FrozenComponents:
+    """The loaded, frozen VAE / text encoder / tokenizer and the helpers every stage uses."""
+
+    vae: Any  # diffusers.AutoencoderKL
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # a transformers tokenizer
+    sources: ComponentSources
+    max_length: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        """Pixel → latent side ratio (8 for SD's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return tokenize(self.tokenizer, texts, self.max_length)
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return encode_text(self.text_encoder, token_ids)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → scaled latents (B, 4, H/f, W/f): the posterior *mean* × scaling factor
+        (deterministic; SD samples the posterior, whose std is tiny for a KL-1e-6 VAE)."""
+        x = pixels.to(self.device, self.vae.dtype)
+        return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images in [-1, 1] (not clamped)."""
+        z = latents.to(self.device, self.vae.dtype) / self.scaling_factor
+        return self.vae.decode(z).sample
+
+    def param_counts(self) -> dict[str, int]:
+        return {"vae": sum(p.numel() for p in self.vae.parameters()),
+                "text_encoder": sum(p.numel() for p in self.text_encoder.parameters())}
+
+
+def _freeze(m: torch.nn.Module) -> torch.nn.Module:
+    m.requires_grad_(False)
+    m.eval()
+    return m
+
+
+def load_vae(source: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype) if dtype else AutoencoderKL.from_pretrained(source)
+    return _freeze(vae.to(device))
+
+
+def load_text_encoder(source: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    from transformers import CLIPTextModel
+
+    kw = {"dtype": dtype} if dtype else {}
+    te = CLIPTextModel.from_pretrained(source, **kw)
+    return _freeze(te.to(device))
+
+
+def load_tokenizer(source: str, max_length: int | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if max_length is not None and (tok.model_max_length is None or tok.model_max_length > 10**6):
+        tok.model_max_length = max_length
+    return tok
+
+
+def load_components(profile: Profile, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    *, text_encoder: bool = True) -> FrozenComponents:
+    """Load the profile's frozen components (tiny: from its built directory; see module docstring).
+
+    ``text_encoder=False`` skips the text model (encoding needs only the VAE and the tokenizer).
+    """
+    src = component_sources(profile)
+    if profile.components.build_tiny and not (profile.components_dir / BUILD_FILE).exists():
+        raise FileNotFoundError(
+            f"tiny components not built under {profile.components_dir}: materialise the `frozen_components` "
+            "asset first (or call sd_core.components.build_tiny_components)")
+    dev = torch.device(device)
+    vae = load_vae(src.vae, dev, dtype)
+    te = load_text_encoder(src.text_encoder, dev, dtype) if text_encoder else None
+    tok = load_tokenizer(src.tokenizer, profile.components.max_length)
+    return FrozenComponents(vae, te, tok, src, profile.components.max_length, dev)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    """Captions → (B, max_length) int64 token ids: BOS, tokens, EOS, padded (with EOS for CLIP) and
+    truncated to ``max_length``."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return enc["input_ids"].long()
+
+
+@torch.no_grad()
+def encode_text(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids → (B, L, D) context: the text encoder's last hidden state (SD 1.x convention)."""
+    dev = next(text_encoder.parameters()).device
+    return text_encoder(token_ids.to(dev)).last_hidden_state
+
+
+# ----------------------------------------------------------------------------------------- tiny build
+def tiny_build_settings(profile: Profile) -> dict[str, Any]:
+    """The settings a tiny build depends on (its fingerprint; the fit's wall-clock budget is left out, the
+    weights digest in build.json covers the result)."""
+    c = profile.components
+    return {
+        "format": BUILD_FORMAT,
+        "vocabulary": _vocabulary(),
+        "max_length": c.max_length,
+        "text_hidden": profile.unet.ctx_dim,
+        "text_layers": c.tiny_text_layers,
+        "text_heads": c.tiny_text_heads,
+        "vae_channels": list(c.tiny_vae_channels),
+        "vae_layers_per_block": c.tiny_vae_layers_per_block,
+        "vae_norm_groups": c.tiny_vae_norm_groups,
+        "image_size": profile.encode.resolution,
+        "seed": c.seed,
+        "fit_steps": c.vae_fit_steps,
+        "fit_batch_size": c.vae_fit_batch_size,
+        "fit_lr": c.vae_fit_lr,
+    }
+
+
+def _vocabulary() -> list[str]:
+    from sd_core.data.synthetic import vocabulary
+
+    return list(vocabulary())
+
+
+def build_tiny_tokenizer(words: Sequence[str], max_length: int):
+    """A word-level fast tokenizer: lower-cased, split on whitespace and punctuation, unknown words →
+    ``<|unk|>``, wrapped as BOS … EOS and padded with EOS (CLIP's convention). ids: BOS 0, EOS 1, UNK 2,
+    then the words in the given order."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {BOS: 0, EOS: 1, UNK: 2}
+    for w in words:
+        vocab.setdefault(w.lower(), len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tk.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 0), (EOS, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=EOS,
+                                   model_max_length=max_length, padding_side="right", truncation_side="right")
+
+
+def build_tiny_text_encoder(vocab_size: int, hidden: int, layers: int, heads: int, max_length: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                         projection_dim=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_vae_config(channels: Sequence[int], layers_per_block: int, image_size: int,
+                    norm_groups: int = 1) -> dict[str, Any]:
+    n = len(channels)
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(channels),
+                layers_per_block=layers_per_block, latent_channels=4, norm_num_groups=norm_groups,
+                sample_size=image_size, scaling_factor=1.0)
+
+
+def build_tiny_vae(channels: Sequence[int], layers_per_block: int, image_size: int, seed: int,
+                   norm_groups: int = 1):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**tiny_vae_config(channels, layers_per_block, image_size, norm_groups))
+    # Start the posterior narrow (std e^-4 ≈ 0.02 instead of 1) so the sampled training latents are not mostly
+    # noise at the start; the KL term (weight 1e-6) barely moves it. See sd_core.vae_fit for what mattered.
+    with torch.no_grad():
+        lc = vae.config.latent_channels
+        vae.quant_conv.bias[lc:] = -8.0
+    return vae
+
+
+def _dir_digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.name != BUILD_FILE:
+            h.update(f.relative_to(d).as_posix().encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds: float | None = None,
+                          log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Build the tiny profile's tokenizer, text encoder and fitted VAE into ``profile.components_dir``.
+
+    Reuses an existing build whose settings match (returns its build.json) unless ``force``. Returns the
+    build info: settings, sources, parameter counts, VAE fit steps/seconds, reconstruction PSNR and colour
+    fidelity on held-out renders, the measured scaling factor and a digest of the weights.
+    """
+    from sd_core import vae_fit
+
+    c = profile.components
+    out = profile.components_dir
+    settings = tiny_build_settings(profile)
+    info = read_build_info(out)
+    if info and not force and info.get("settings") == settings:
+        return info
+
+    log = log or (lambda s: None)
+    t0 = time.perf_counter()
+    words = settings["vocabulary"]
+    tok = build_tiny_tokenizer(words, c.max_length)
+    te = build_tiny_text_encoder(len(tok), profile.unet.ctx_dim, c.tiny_text_layers, c.tiny_text_heads,
+                                 c.max_length, c.seed)
+    vae = build_tiny_vae(c.tiny_vae_channels, c.tiny_vae_layers_per_block, profile.encode.resolution, c.seed,
+                         c.tiny_vae_norm_groups)
+    budget = c.vae_fit_seconds if fit_seconds is None else fit_seconds
+    log(f"fitting the tiny VAE ({sum(p.numel() for p in vae.parameters()):,} params) for up to "
+        f"{budget:.0f}s / {c.vae_fit_steps} steps")
+    fit = vae_fit.fit_tiny_vae(vae, budget, size=profile.encode.resolution, batch_size=c.vae_fit_batch_size,
+                               lr=c.vae_fit_lr, seed=c.seed, max_steps=c.vae_fit_steps, log=log)
+    held_out = vae_fit.synthetic_batch(192, profile.encode.resolution, random.Random(c.seed + 10_007))
+    std = vae_fit.latent_std(vae, held_out.images)
+    scaling = 1.0 / max(std, 1e-6)
+    vae.register_to_config(scaling_factor=float(round(scaling, 6)))
+    report = vae_fit.colour_report(held_out, vae_fit.reconstruct(vae, held_out.images))
+    log(f"tiny VAE: {fit.steps} steps in {fit.seconds:.0f}s, PSNR {report.psnr:.2f} dB, colour accuracy "
+        f"{report.colour_accuracy:.3f}, scaling factor {scaling:.4f}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tok.save_pretrained(tmp / "tokenizer")
+        te.save_pretrained(tmp / "text_encoder")
+        vae.save_pretrained(tmp / "vae")
+        info = {
+            "profile": profile.name,
+            "settings": settings,
+            "params": {"vae": sum(p.numel() for p in vae.parameters()),
+                       "text_encoder": sum(p.numel() for p in te.parameters())},
+            "vocab_size": len(tok),
+            "fit": {"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
+                    "budget_seconds": budget},
+            "reconstruction": asdict(report),
+            "latent_std_unscaled": std,
+            "scaling_factor": float(vae.config.scaling_factor),
+            "digest": _dir_digest(tmp),
+            "build_seconds": round(time.perf_counter() - t0, 1),
+            "built_at": time.time(),
+        }
+        with open(tmp / BUILD_FILE, "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing an existing ``dst`` (rename away, rename in, delete old)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,435 @@
+"""The per-shard latent cache (DESIGN.md section 3) and the dataset the trainer reads it through.
+
+Layout of one cache directory (``profile.latents_dir``)::
+
+    {shard}.npy          (N, 4, h, w) float16, already multiplied by the VAE scaling factor
+    {shard}.tokens.npy   (N, L) int32 token ids (the same ids as the parquet; a memory-mappable copy so
+                         training never parses parquet per sample)
+    {shard}.parquet      one row per latent: key (str), caption (str), token_ids (list<int32>)
+    manifest.json        {"format": 1, "shards": {shard: {count, hash, vae, resolution, scaling_factor,
+                          latent_shape, max_length, code_version, written_at, ...}}}
+
+Writes are atomic: every file is first written to a temporary name in the same directory and fsynced (the
+slow part; a crash there leaves the previous files of the shard valid). The commit then happens under a
+file lock on the manifest: the planned renames are journalled in the manifest (one atomic JSON replace),
+the ``os.replace`` calls run, and the new entry is recorded. A process killed between those renames leaves a
+journal that the next reader or writer rolls forward, so a reader never sees a mix of old and new files of
+one shard. Concurrent partition runs never lose each other's manifest entries, and a shard's write never
+touches another shard's files.
+
+`LatentDataset` memory-maps every shard (``np.load(mmap_mode="r")``): nothing but the per-shard row counts
+is held in RAM, a global index maps to (shard, row) in O(log shards) via ``np.searchsorted`` on cumulative
+counts (O(1) in practice: a few hundred to ~10k shards), it pickles without its file handles (workers
+re-open lazily) and works under ``DistributedSampler`` (it is a plain map-style dataset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
+FORMAT = 1
+
+__all__ = [
+    "MANIFEST",
+    "LatentDataset",
+    "ShardEntry",
+    "manifest_hash",
+    "read_manifest",
+    "read_shard_table",
+    "remove_shard",
+    "shard_paths",
+    "write_shard",
+]
+
+
+# ---------------------------------------------------------------------------------------- file helpers
+@dataclass(frozen=True)
+class ShardPaths:
+    latents: Path
+    tokens: Path
+    table: Path
+
+
+def shard_paths(cache_dir: str | os.PathLike[str], shard: str) -> ShardPaths:
+    d = Path(cache_dir)
+    return ShardPaths(d / f"{shard}.npy", d / f"{shard}.tokens.npy", d / f"{shard}.parquet")
+
+
+def _tmp_name(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_npy_tmp(path: Path, arr: np.ndarray) -> Path:
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+@contextmanager
+def _manifest_lock(cache_dir: Path, timeout: float = 600.0) -> Iterator[None]:
+    from filelock import FileLock
+
+    with FileLock(str(cache_dir / LOCK), timeout=timeout):
+        yield
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------------- manifest
+ShardEntry = dict[str, Any]
+
+
+def read_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, ShardEntry]:
+    """Shard name → manifest entry (``{}`` when the cache does not exist yet)."""
+    cache = Path(cache_dir)
+    path = cache / MANIFEST
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    shards = data.get("shards", {})
+    if any("pending" in e for e in shards.values()):  # a writer died mid-commit: finish its commit
+        with _manifest_lock(cache):
+            data = _load_manifest_file(cache)
+            _roll_forward(cache, data)
+            shards = data["shards"]
+    return {k: v for k, v in shards.items() if "count" in v}
+
+
+def manifest_hash(cache_dir: str | os.PathLike[str], shards: Sequence[str] | None = None) -> str:
+    """A stable hash of the cache content a trainer reads: over the sorted (shard, count, content hash,
+    vae, resolution, scaling factor) of the selected shards (all when ``shards`` is None). Used as the
+    training data version; independent of write times and of unselected shards."""
+    entries = read_manifest(cache_dir)
+    names = sorted(entries) if shards is None else sorted(shards)
+    missing = [s for s in names if s not in entries]
+    if missing:
+        raise KeyError(f"shards not in the latent manifest of {cache_dir}: {missing[:10]}")
+    h = hashlib.sha256()
+    for s in names:
+        e = entries[s]
+        h.update(json.dumps([s, e["count"], e["hash"], e.get("vae"), e.get("resolution"),
+                             e.get("scaling_factor")], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _content_hash(latents: np.ndarray, tokens: np.ndarray, keys: Sequence[str], captions: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for arr in (latents, tokens):
+        h.update(str((arr.dtype.str, arr.shape)).encode())
+        h.update(np.ascontiguousarray(arr).data)
+    for k, c in zip(keys, captions):
+        h.update(k.encode())
+        h.update(b"\0")
+        h.update(c.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def write_shard(
+    cache_dir: str | os.PathLike[str],
+    shard: str,
+    latents: np.ndarray,
+    keys: Sequence[str],
+    captions: Sequence[str],
+    token_ids: np.ndarray | Sequence[Sequence[int]],
+    *,
+    vae: str = "",
+    resolution: int | None = None,
+    scaling_factor: float | None = None,
+    code_version: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> ShardEntry:
+    """Write one shard's cache atomically and record it in the manifest; returns the manifest entry.
+
+    ``latents``: (N, C, h, w), stored as float16 (already scaled). ``token_ids``: (N, L) integers.
+    Re-writing a shard replaces its files atomically; other shards' files are never touched.
+    ``extra`` is merged into the manifest entry (e.g. skipped count, source tar).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    lat = np.asarray(latents)
+    if lat.ndim != 4:
+        raise ValueError(f"latents must be (N, C, h, w), got shape {lat.shape}")
+    lat = lat.astype(np.float16, copy=False)
+    tok = np.asarray(token_ids, dtype=np.int32)
+    n = lat.shape[0]
+    if tok.ndim != 2 and n:
+        raise ValueError(f"token_ids must be (N, L), got shape {tok.shape}")
+    if n == 0:
+        tok = tok.reshape(0, tok.shape[-1] if tok.ndim == 2 else 0)
+    keys = [str(k) for k in keys]
+    captions = [str(c) for c in captions]
+    if not (len(keys) == len(captions) == tok.shape[0] == n):
+        raise ValueError(f"length mismatch: {n} latents, {len(keys)} keys, {len(captions)} captions, "
+                         f"{tok.shape[0]} token rows")
+    if not np.isfinite(lat).all():
+        raise ValueError(f"shard {shard}: latents contain NaN/inf (after float16 cast)")
+
+    paths = shard_paths(cache, shard)
+    tmps: list[tuple[Path, Path]] = []
+    committed = False
+    try:
+        # 1. the slow part: every file to a temporary name (a crash here leaves the old shard untouched)
+        tmps.append((_write_npy_tmp(paths.tokens, tok), paths.tokens))
+        table = pa.table({
+            "key": pa.array(keys, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "token_ids": pa.array(list(tok), pa.list_(pa.int32())) if n else pa.array([], pa.list_(pa.int32())),
+        })
+        tmp_pq = _tmp_name(paths.table)
+        pq.write_table(table, tmp_pq)
+        with open(tmp_pq, "rb+") as f:
+            os.fsync(f.fileno())
+        tmps.append((tmp_pq, paths.table))
+        tmps.append((_write_npy_tmp(paths.latents, lat), paths.latents))
+
+        entry: ShardEntry = {
+            "count": int(n),
+            "hash": _content_hash(lat, tok, keys, captions),
+            "vae": vae,
+            "resolution": resolution,
+            "scaling_factor": scaling_factor,
+            "latent_shape": list(lat.shape[1:]),
+            "max_length": int(tok.shape[1]) if tok.ndim == 2 else 0,
+            "code_version": code_version,
+            "written_at": time.time(),
+        }
+        if extra:
+            entry.update(extra)
+
+        # 2. commit under the manifest lock: journal the renames in the manifest (atomic), do them, then
+        #    record the new entry. A crash between the renames is rolled forward by the next reader/writer.
+        with _manifest_lock(cache):
+            data = _load_manifest_file(cache)
+            _roll_forward(cache, data)
+            data["shards"].setdefault(shard, {})
+            data["shards"][shard] = dict(data["shards"][shard],
+                                         pending={"renames": [[t.name, f.name] for t, f in tmps], "entry": entry})
+            _write_json_atomic(cache / MANIFEST, data)
+            committed = True
+            _roll_forward(cache, data)
+            _remove_stale_tmps(cache, shard)
+    finally:
+        if not committed:
+            for tmp, _ in tmps:
+                tmp.unlink(missing_ok=True)
+    return entry
+
+
+def _load_manifest_file(cache: Path) -> dict[str, Any]:
+    path = cache / MANIFEST
+    if not path.exists():
+        return {"format": FORMAT, "shards": {}}
+    with open(path) as f:
+        data = json.load(f)
+    data.setdefault("shards", {})
+    data["format"] = FORMAT
+    return data
+
+
+def _roll_forward(cache: Path, data: dict[str, Any]) -> bool:
+    """Finish every journalled commit (call with the lock held): rename each pending temporary that still
+    exists (those already gone were renamed before the crash), install the new entry, save the manifest."""
+    changed = False
+    for name, e in list(data["shards"].items()):
+        pending = e.get("pending")
+        if not pending:
+            continue
+        for tmp, final in pending["renames"]:
+            if (cache / tmp).exists():
+                os.replace(cache / tmp, cache / final)
+        _fsync_dir(cache)
+        data["shards"][name] = pending["entry"]
+        changed = True
+    if changed:
+        _write_json_atomic(cache / MANIFEST, data)
+    return changed
+
+
+def _remove_stale_tmps(cache: Path, shard: str, older_than_s: float = 3600.0) -> None:
+    """Delete temporaries of ``shard`` left by killed writers (old enough not to belong to a live one)."""
+    now = time.time()
+    for pattern in (f".{shard}.npy.*.tmp", f".{shard}.tokens.npy.*.tmp", f".{shard}.parquet.*.tmp"):
+        for f in cache.glob(pattern):
+            try:
+                if now - f.stat().st_mtime > older_than_s:
+                    f.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def remove_shard(cache_dir: str | os.PathLike[str], shard: str) -> None:
+    """Drop a shard from the manifest, then delete its files (manifest first: readers never see a listed
+    shard without files)."""
+    cache = Path(cache_dir)
+    with _manifest_lock(cache):
+        data = _load_manifest_file(cache)
+        _roll_forward(cache, data)
+        if data["shards"].pop(shard, None) is not None:
+            _write_json_atomic(cache / MANIFEST, data)
+    p = shard_paths(cache, shard)
+    for f in (p.latents, p.tokens, p.table):
+        f.unlink(missing_ok=True)
+
+
+def read_shard_table(cache_dir: str | os.PathLike[str], shard: str):
+    """The shard's parquet (key, caption, token_ids) as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(shard_paths(cache_dir, shard).table)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+class LatentDataset:
+    """Map-style dataset over cached shards: ``ds[i] -> (latent float16 (C, h, w), token_ids int64 (L,))``
+    as torch tensors.
+
+    ``shards``: which shards to read (default: every shard in the manifest, sorted by name). The order is
+    fixed at construction, so a global index means the same sample in every process (DDP ranks,
+    DataLoader workers). Shards are memory-mapped lazily on first access in each process.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], shards: Sequence[str] | None = None,
+                 *, validate: bool = True):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        if shards is None:
+            names = sorted(manifest)
+        else:
+            names = list(shards)
+            missing = [s for s in names if s not in manifest]
+            if missing:
+                raise KeyError(f"shards not in the latent manifest of {self.cache_dir}: {missing[:10]}")
+        self.shards: list[str] = [s for s in names if manifest[s]["count"] > 0]
+        self.counts = np.array([manifest[s]["count"] for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        shapes = {tuple(manifest[s]["latent_shape"]) for s in self.shards}
+        if len(shapes) > 1:
+            raise ValueError(f"latent shapes differ across shards: {sorted(shapes)} (mixed VAE/resolution?)")
+        self.latent_shape: tuple[int, ...] = shapes.pop() if shapes else ()
+        self.manifest_hash = manifest_hash(self.cache_dir, names) if names else ""
+        self._lat: dict[int, np.ndarray] = {}
+        self._tok: dict[int, np.ndarray] = {}
+        if validate:
+            for j in range(len(self.shards)):
+                self._open(j)
+
+    # -- process-local file handles
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_lat"], state["_tok"] = {}, {}
+        return state
+
+    def _open(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        lat = self._lat.get(j)
+        if lat is None:
+            p = shard_paths(self.cache_dir, self.shards[j])
+            lat = np.load(p.latents, mmap_mode="r", allow_pickle=False)
+            tok = np.load(p.tokens, mmap_mode="r", allow_pickle=False)
+            n = int(self.counts[j])
+            if lat.shape[0] != n or tok.shape[0] != n:
+                raise RuntimeError(
+                    f"latent shard {self.shards[j]!r} is inconsistent with its manifest entry ({n} rows; "
+                    f"{p.latents.name} has {lat.shape[0]}, {p.tokens.name} has {tok.shape[0]}): re-encode it")
+            self._lat[j], self._tok[j] = lat, tok
+        return lat, self._tok[j]
+
+    # -- indexing
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global index → (shard position in ``self.shards``, row within that shard)."""
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} latents")
+        j = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return j, int(index - self.offsets[j])
+
+    def __getitem__(self, index: int):
+        import torch
+
+        j, r = self.locate(int(index))
+        lat, tok = self._open(j)
+        return torch.from_numpy(np.array(lat[r])), torch.from_numpy(tok[r].astype(np.int64))
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read many samples at once as numpy ((B, C, h, w) float16, (B, L) int64), in the given order:
+        rows are gathered per shard with one sorted fancy-index read each (fewer page faults than B
+        single reads)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(self)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"indices out of range for {n} latents")
+        js = np.searchsorted(self.offsets, idx, side="right") - 1
+        out_lat = np.empty((idx.size, *self.latent_shape), dtype=np.float16)
+        L = None
+        out_tok = None
+        for j in np.unique(js):
+            sel = np.nonzero(js == j)[0]
+            rows = idx[sel] - self.offsets[j]
+            order = np.argsort(rows, kind="stable")
+            lat, tok = self._open(int(j))
+            if out_tok is None:
+                L = tok.shape[1]
+                out_tok = np.empty((idx.size, L), dtype=np.int64)
+            out_lat[sel[order]] = lat[rows[order]]
+            out_tok[sel[order]] = tok[rows[order]]
+        if out_tok is None:
+            out_tok = np.empty((0, 0), dtype=np.int64)
+        return out_lat, out_tok
+
+    def caption(self, index: int) -> str:
+        """The caption of one sample (reads the shard's parquet; for inspection, not for training)."""
+        j, r = self.locate(int(index))
+        return str(read_shard_table(self.cache_dir, self.shards[j]).column("caption")[r])
+
+    def __repr__(self) -> str:
+        return (f"LatentDataset({str(self.cache_dir)!r}, {len(self.shards)} shards, {len(self)} latents "
+                f"of shape {self.latent_shape})")
