@@ -42,6 +42,8 @@ from typing import Any, Mapping
 
 import torch
 
+from sd_core.atomic import fsync_dir, write_text_atomic
+
 FORMAT = 1
 UNET_FILE = "unet.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -101,29 +103,6 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -256,8 +235,8 @@ def save_checkpoint(
         state_tmp = tmp / STATE_FILE
         torch.save(dict(train_state), state_tmp)
         _fsync_file(state_tmp)
-        _write_text_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
+        write_text_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (a resumed run passing an older run's checkpoint): swap it out
             old = run / f".tmp-old-{name}-{os.getpid()}"
             os.rename(final, old)
@@ -265,11 +244,11 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(run)
+        fsync_dir(run)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(run / LATEST, name + "\n")
+    write_text_atomic(run / LATEST, name + "\n")
     if keep_last is not None and keep_last > 0:
         prune_checkpoints(run, keep_last)
     return final

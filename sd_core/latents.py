@@ -37,6 +37,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from sd_core.atomic import fsync_dir, temp_sibling, write_json_atomic
+
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
 FORMAT = 1
@@ -67,27 +69,8 @@ def shard_paths(cache_dir: str | os.PathLike[str], shard: str) -> ShardPaths:
     return ShardPaths(d / f"{shard}.npy", d / f"{shard}.tokens.npy", d / f"{shard}.parquet")
 
 
-def _tmp_name(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_npy_tmp(path: Path, arr: np.ndarray) -> Path:
-    tmp = _tmp_name(path)
+    tmp = temp_sibling(path)
     with open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         f.flush()
@@ -101,17 +84,6 @@ def _manifest_lock(cache_dir: Path, timeout: float = 600.0) -> Iterator[None]:
 
     with FileLock(str(cache_dir / LOCK), timeout=timeout):
         yield
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------------------------- manifest
@@ -219,7 +191,7 @@ def write_shard(
             "caption": pa.array(captions, pa.string()),
             "token_ids": pa.array(list(tok), pa.list_(pa.int32())) if n else pa.array([], pa.list_(pa.int32())),
         })
-        tmp_pq = _tmp_name(paths.table)
+        tmp_pq = temp_sibling(paths.table)
         pq.write_table(table, tmp_pq)
         with open(tmp_pq, "rb+") as f:
             os.fsync(f.fileno())
@@ -248,7 +220,7 @@ def write_shard(
             data["shards"].setdefault(shard, {})
             data["shards"][shard] = dict(data["shards"][shard],
                                          pending={"renames": [[t.name, f.name] for t, f in tmps], "entry": entry})
-            _write_json_atomic(cache / MANIFEST, data)
+            write_json_atomic(cache / MANIFEST, data)
             committed = True
             _roll_forward(cache, data)
             _remove_stale_tmps(cache, shard)
@@ -281,11 +253,11 @@ def _roll_forward(cache: Path, data: dict[str, Any]) -> bool:
         for tmp, final in pending["renames"]:
             if (cache / tmp).exists():
                 os.replace(cache / tmp, cache / final)
-        _fsync_dir(cache)
+        fsync_dir(cache)
         data["shards"][name] = pending["entry"]
         changed = True
     if changed:
-        _write_json_atomic(cache / MANIFEST, data)
+        write_json_atomic(cache / MANIFEST, data)
     return changed
 
 
@@ -309,7 +281,7 @@ def remove_shard(cache_dir: str | os.PathLike[str], shard: str) -> None:
         data = _load_manifest_file(cache)
         _roll_forward(cache, data)
         if data["shards"].pop(shard, None) is not None:
-            _write_json_atomic(cache / MANIFEST, data)
+            write_json_atomic(cache / MANIFEST, data)
     p = shard_paths(cache, shard)
     for f in (p.latents, p.tokens, p.table):
         f.unlink(missing_ok=True)

@@ -60,6 +60,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sd_core.atomic import write_json_atomic
+
 FAULT_ENV = "SD_TRAIN_FAULT"
 RESULT_FILE = "result.json"
 VAL_SEED = 20240601  # fixed: validation noise and timesteps do not depend on the training seed
@@ -402,12 +404,6 @@ class TrainResult:
     num_val_samples: int
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _open_pipes(stack: contextlib.ExitStack) -> Any:
     if "DAGSTER_PIPES_CONTEXT" not in os.environ:
         return None
@@ -470,7 +466,7 @@ def train(settings: Settings) -> TrainResult:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "pids").mkdir(exist_ok=True)
-        _write_json_atomic(out / "pids" / f"rank{info.rank}.json", {"pid": os.getpid(), "ppid": os.getppid()})
+        write_json_atomic(out / "pids" / f"rank{info.rank}.json", {"pid": os.getpid(), "ppid": os.getppid()})
         pipes = _open_pipes(stack) if info.is_main else None
         faults.maybe_crash(0, info.rank)
         device = info.device
@@ -767,7 +763,7 @@ def train(settings: Settings) -> TrainResult:
             num_train_samples=int(len(train_idx)), num_val_samples=int(len(val_idx)),
         )
         if info.is_main:
-            _write_json_atomic(out / RESULT_FILE, dataclasses.asdict(result))
+            write_json_atomic(out / RESULT_FILE, dataclasses.asdict(result))
             log.info(f"[train] done: {step} steps, final loss {last_loss}, best {best_loss}, validation {last_val}, "
                      f"checkpoint {last_ckpt}")
             if pipes is not None:

@@ -35,6 +35,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sd_core.atomic import write_text_atomic
 from sd_core.config import FilterConfig
 from sd_core.data.metadata import (
     CANONICAL,
@@ -318,9 +319,7 @@ def _write_state(out: Path, cfg: FilterConfig, shard_size: int, report: FilterRe
             "shard_size": shard_size,
             "report": report.to_json(),
         })
-    tmp = state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, state_path)
+    write_text_atomic(state_path, json.dumps(state, indent=1, default=str))
 
 
 def check_parts(parts: Sequence[str | os.PathLike[str]], cfg: FilterConfig) -> dict[str, int]:
