@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 DATA_ROOT ?= data
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test test-slow demo dev bench validate clean
+.PHONY: install test test-slow demo dev browser bench validate clean
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
@@ -27,14 +27,37 @@ test-slow:
 validate:
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
+# The whole graph through the `dagster` CLI into $(DATA_ROOT) (instance: $(DATA_ROOT)/dagster_home); a second run
+# reuses what is materialised. Other settings: make demo CONFIG=configs/demo-fast.yaml
+CONFIG ?= configs/tiny.yaml
+PORT ?= 3000
+DAGSTER_HOME_DIR = $(abspath $(DATA_ROOT))/dagster_home
+
 demo:
-	@echo "make demo: not yet available (issue: end to end for users)"
+	$(BIN)/python -m sd_assets.demo -c $(CONFIG) --data-root $(DATA_ROOT)
 
+# Webserver + daemon on 127.0.0.1:$(PORT), same instance and data root as `make demo`.
 dev:
-	@echo "make dev: not yet available (issue: end to end for users)"
+	@$(BIN)/python -m sd_assets.demo --init-home --data-root $(DATA_ROOT) >/dev/null
+	@echo "Dagster UI: http://127.0.0.1:$(PORT)   (DAGSTER_HOME=$(DAGSTER_HOME_DIR), Ctrl-C stops it)"
+	@echo "The schedule and sensors start stopped: switch them on in the UI (Automation) or, in another shell,"
+	@echo "  export DAGSTER_HOME=$(DAGSTER_HOME_DIR)"
+	@echo "  $(BIN)/dagster schedule start -w workspace.yaml latents_refresh   # re-encode missing/stale shards"
+	@echo "  $(BIN)/dagster sensor start -w workspace.yaml shard_sensor        # new shard parts -> downloads"
+	@echo "  ($(BIN)/dagster sensor list -w workspace.yaml and schedule list show them all)"
+	DAGSTER_HOME=$(DAGSTER_HOME_DIR) SD_DATA_ROOT=$(abspath $(DATA_ROOT)) PATH="$(abspath $(BIN)):$$PATH" \
+		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
+# Headless Chromium for tests/test_browser.py (Debian's package; needs root or sudo). Idempotent.
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } \
+		|| echo "make browser: could not install chromium (needs apt-get as root); tests/test_browser.py will fail"; fi
+
+# Every benchmarks/bench_*.py prints its figures as a markdown section; copy them into BENCHMARKS.md.
 bench:
-	@echo "make bench: not yet available"
+	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
 
 clean:
 	rm -rf $(DATA_ROOT)

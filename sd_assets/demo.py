@@ -1,0 +1,371 @@
+"""`make demo`: materialise the whole asset graph through the `dagster` CLI, reusing what is already there.
+
+    python -m sd_assets.demo [-c configs/tiny.yaml] [--data-root data]
+
+Runs against a persistent instance in ``{data_root}/dagster_home`` (created with a ``dagster.yaml`` if
+missing), in order:
+
+1. the unpartitioned assets up to ``filtered_metadata`` (which registers the ``shards`` partitions);
+2. per shard partition, the partitioned assets (``image_shards``, ``latents``), with unpartitioned assets
+   they need (``frozen_components``) before them;
+3. the unpartitioned assets downstream (``unet_checkpoint``, ``sample_grid``).
+
+The stages are derived from the asset graph, so this module names no asset except where it reads the
+result. Each stage is one ``dagster asset materialize -m sd_assets.definitions --select ... [--partition K]
+-c run_config.yaml`` subprocess (``asset materialize`` has no ``-w``; ``-m`` loads the same module that
+``workspace.yaml`` names). Before each stage the instance is queried: an asset (partition) already
+materialised with its current code version, whose upstream did not run in this invocation, is skipped, so
+a second ``make demo`` only prints the result. Partitioned assets ignore a re-run of unpartitioned
+upstream assets (as ``AutomationCondition.on_missing`` does: a refreshed metadata table only adds shards).
+
+Also:
+    python -m sd_assets.demo --init-home     # create {data_root}/dagster_home/dagster.yaml and exit
+    python -m sd_assets.demo --missing latents   # print missing shard keys, comma-separated (for backfills)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:  # dagster is imported lazily: --init-home stays fast
+    import dagster as dg
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFS_MODULE = "sd_assets.definitions"
+SHARDS = "shards"
+
+DAGSTER_YAML = """\
+# Dagster instance for sd-pipeline (written by `python -m sd_assets.demo`; edit freely, it is not rewritten).
+# Storage: SQLite files in this folder. Several concurrent writers lock SQLite: use dagster-postgres
+# (`storage: postgres: ...`) for a shared or busy deployment (docs/operations.md).
+telemetry:
+  enabled: false
+# Runs from the UI, backfills, sensors and schedules queue here; the daemon (`dagster dev`,
+# `dagster-daemon run`) starts at most this many at once. GPU steps also take a slot of the `gpu`
+# pool: `dagster instance concurrency set gpu 1`.
+run_queue:
+  max_concurrent_runs: 2
+# Loading the code location imports torch: give slow machines time.
+code_servers:
+  local_startup_timeout: 300
+"""
+
+
+def ensure_dagster_home(home: Path) -> Path:
+    """Create ``home`` with a ``dagster.yaml`` unless one exists (never overwrites a user's)."""
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        tmp = cfg.with_suffix(".yaml.tmp")
+        tmp.write_text(DAGSTER_YAML)
+        tmp.replace(cfg)
+    return home
+
+
+# ------------------------------------------------------------------------------------------ run config
+def load_run_config(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """Merge YAML run config files (later files win, nested mappings merged)."""
+    merged: dict[str, Any] = {}
+    for p in paths:
+        merged = _deep_merge(merged, yaml.safe_load(Path(p).read_text()) or {})
+    return merged
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def sd_resource_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    return run_config.setdefault("resources", {}).setdefault("sd", {}).setdefault("config", {})
+
+
+# ------------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class Stage:
+    """Assets run together: all unpartitioned, or all on the ``shards`` partitions (one run per key)."""
+
+    keys: tuple["dg.AssetKey", ...]
+    partitioned: bool
+
+
+def plan_stages(graph: Any) -> list[Stage]:
+    """Topological order of the graph's materializable assets, grouped greedily into stages of equal
+    partitioning (Kahn's algorithm that prefers an asset of the current stage's kind)."""
+    keys = sorted(graph.materializable_asset_keys, key=lambda k: k.to_user_string())
+    parted = {k: graph.get(k).partitions_def is not None for k in keys}
+    deps = {k: {p for p in graph.get(k).parent_keys if p in parted} for k in keys}
+    done: set[Any] = set()
+    stages: list[Stage] = []
+    current: list[Any] = []
+    kind = False
+    while len(done) < len(keys):
+        ready = [k for k in keys if k not in done and k not in current and deps[k] <= done | set(current)]
+        same = [k for k in ready if parted[k] == kind]
+        if same:
+            current.append(same[0])
+            continue
+        if not current and not ready:
+            raise ValueError(f"cannot order assets {sorted(k.to_user_string() for k in set(keys) - done)}")
+        if current:
+            stages.append(Stage(tuple(current), kind))
+            done |= set(current)
+            current = []
+        kind = not kind
+    if current:
+        stages.append(Stage(tuple(current), kind))
+    return stages
+
+
+class Freshness:
+    """Answers "does (asset, partition) need a run?" from the instance, plus what ran in this invocation."""
+
+    def __init__(self, instance: "dg.DagsterInstance", graph: Any, code_versions: dict[Any, str | None]):
+        self.instance, self.graph, self.code_versions = instance, graph, code_versions
+        self.ran: set[tuple[Any, str | None]] = set()
+
+    def latest(self, key: Any, partition: str | None) -> Any:
+        import dagster as dg
+
+        flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None)
+        records = self.instance.fetch_materializations(flt, limit=1).records
+        return records[0] if records else None
+
+    def needs_run(self, key: Any, partition: str | None) -> str | None:
+        """The reason (asset, partition) must run, or None when it is up to date."""
+        record = self.latest(key, partition)
+        if record is None:
+            return "missing"
+        want = self.code_versions.get(key)
+        have = (record.asset_materialization.tags or {}).get("dagster/code_version")
+        if want is not None and have != want:
+            return f"code version {have} -> {want}"
+        for up in self.graph.get(key).parent_keys:
+            up_parted = self.graph.has(up) and self.graph.get(up).partitions_def is not None
+            if partition is not None and not up_parted:
+                continue  # on_missing semantics: an upstream refresh adds shards, it does not redo them
+            if partition is not None and (up, partition) in self.ran:
+                return f"{up.to_user_string()} re-ran"
+            if partition is None and any(k == up for k, _ in self.ran):
+                return f"{up.to_user_string()} re-ran"
+        return None
+
+
+# ------------------------------------------------------------------------------------------- running
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DAGSTER_LINE = re.compile(r"^\S+ \S+ \S+ - dagster - (\w+) - [^ ]+ - [0-9a-f-]{36} - (.*)$")
+_SHOWN_EVENTS = ("STEP_FAILURE", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION", "RUN_FAILURE")
+
+
+def _progress_line(line: str) -> str | None:
+    """The part of a CLI output line worth showing, or None (debug events, warnings noise)."""
+    m = _DAGSTER_LINE.match(_ANSI.sub("", line).rstrip())
+    if not m:
+        return None
+    level, rest = m.groups()
+    parts = rest.split(" - ")
+    if level != "DEBUG" or any(e in parts[:3] for e in _SHOWN_EVENTS):
+        if parts and parts[0].isdigit():  # drop the pid column
+            parts = parts[1:]
+        return " - ".join(parts)[:300]
+    return None
+
+
+def run_cli(args: list[str], env: dict[str, str], log_path: Path, quiet_s: float = 30.0) -> None:
+    """Run one `dagster` CLI command, showing progress lines and a heartbeat; the full output goes to
+    ``log_path``. Raises SystemExit with the log's tail on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    last_shown = [t0]
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(args) + "\n")
+        log.flush()
+        proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(5.0):
+                if time.monotonic() - last_shown[0] >= quiet_s:
+                    print(f"      ... still running ({time.monotonic() - t0:.0f} s)", flush=True)
+                    last_shown[0] = time.monotonic()
+
+        threading.Thread(target=heartbeat, daemon=True).start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                shown = _progress_line(line)
+                if shown:
+                    print(f"      {shown}", flush=True)
+                    last_shown[0] = time.monotonic()
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, 15)
+            proc.wait()
+            raise
+        finally:
+            stop.set()
+    if rc != 0:
+        tail = log_path.read_text().splitlines()[-40:]
+        raise SystemExit(f"\n".join(tail) + f"\n\nFAILED (exit {rc}): {' '.join(args)}\nfull log: {log_path}")
+
+
+@dataclass
+class Demo:
+    data_root: Path
+    run_config: dict[str, Any]
+    dagster: str = str(Path(sys.executable).with_name("dagster"))
+
+    @property
+    def home(self) -> Path:
+        return self.data_root / "dagster_home"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(DAGSTER_HOME=str(self.home), SD_DATA_ROOT=str(self.data_root), NO_ALBUMENTATIONS_UPDATE="1")
+        # The code location reads the profile from the environment at load time (latents' code version
+        # depends on it): load it with the profile the run config selects.
+        profile = sd_resource_config(self.run_config).get("profile")
+        if profile:
+            env["SD_PROFILE"] = profile
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.setdefault("WANDB_MODE", "offline")
+        return env
+
+    def materialize(self, keys: Iterable[Any], partition: str | None, config_path: Path, log: Path) -> None:
+        select = ",".join(k.to_user_string() for k in keys)
+        args = [self.dagster, "asset", "materialize", "-m", DEFS_MODULE, "--select", select, "-c", str(config_path)]
+        if partition is not None:
+            args += ["--partition", partition]
+        run_cli(args, self.env(), log)
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.monotonic()
+        ensure_dagster_home(self.home)
+        os.environ.update({k: v for k, v in self.env().items() if k in ("DAGSTER_HOME", "SD_DATA_ROOT", "SD_PROFILE")})
+        import importlib
+
+        import dagster as dg
+
+        defs = importlib.import_module(DEFS_MODULE).defs
+        graph = defs.resolve_asset_graph()
+        code_versions = {s.key: s.code_version for s in defs.resolve_all_asset_specs()}
+        stages = plan_stages(graph)
+        config_path = self.home / "demo_run_config.yaml"
+        config_path.write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+        logs = self.data_root / "logs" / time.strftime("demo-%Y%m%d-%H%M%S")
+        print(f"sd-pipeline demo: data root {self.data_root}, DAGSTER_HOME {self.home}")
+        print("stages: " + " -> ".join(
+            ("[shard] " if s.partitioned else "") + ",".join(k.to_user_string() for k in s.keys) for s in stages))
+        with dg.DagsterInstance.get() as instance:
+            fresh = Freshness(instance, graph, code_versions)
+            for i, stage in enumerate(stages, 1):
+                partitions: list[str | None] = (
+                    list(instance.get_dynamic_partitions(SHARDS)) if stage.partitioned else [None])
+                if stage.partitioned and not partitions:
+                    print(f"[{i}/{len(stages)}] no shard partitions registered: nothing to do for "
+                          + ",".join(k.to_user_string() for k in stage.keys))
+                for j, part in enumerate(partitions, 1):
+                    todo = [(k, r) for k in stage.keys if (r := fresh.needs_run(k, part))]
+                    where = f" shard {part} ({j}/{len(partitions)})" if part is not None else ""
+                    names = ",".join(k.to_user_string() for k, _ in todo)
+                    if not todo:
+                        print(f"[{i}/{len(stages)}]{where} up to date: "
+                              + ",".join(k.to_user_string() for k in stage.keys))
+                        continue
+                    reasons = "; ".join(f"{k.to_user_string()}: {r}" for k, r in todo)
+                    print(f"[{i}/{len(stages)}]{where} materializing {names} ({reasons})", flush=True)
+                    t0 = time.monotonic()
+                    log = logs / f"{i:02d}-{names.replace(',', '+')}{'-' + part if part else ''}.log"
+                    self.materialize([k for k, _ in todo], part, config_path, log)
+                    fresh.ran |= {(k, part) for k, _ in todo}
+                    print(f"[{i}/{len(stages)}]{where} done in {time.monotonic() - t0:.0f} s", flush=True)
+            result = summarize(stages, fresh)
+        result["total_s"] = time.monotonic() - t_start
+        return result
+
+
+def summarize(stages: list[Stage], fresh: Freshness) -> dict[str, Any]:
+    """Where the last asset's output is and what it scored, from its latest materialization's metadata
+    (`sample_grid`: ``grid_path``, ``adherence``, ``adherence_chance``)."""
+    last = stages[-1].keys[-1] if stages else None
+    out: dict[str, Any] = {"asset": last.to_user_string() if last else None, "metadata": {}}
+    record = fresh.latest(last, None) if last is not None and not stages[-1].partitioned else None
+    if record is None:
+        return out
+    meta = {k: getattr(v, "value", v) for k, v in (record.asset_materialization.metadata or {}).items()}
+    out["metadata"] = meta
+    out["path"] = meta.get("grid_path") or meta.get("path")
+    out["score"], out["chance"] = meta.get("adherence"), meta.get("adherence_chance")
+    return out
+
+
+def missing_partitions(asset: str, data_root: Path) -> list[str]:
+    """Shard keys of ``asset`` that have never been materialised (for `dagster job backfill --partitions`)."""
+    os.environ.setdefault("DAGSTER_HOME", str(ensure_dagster_home(data_root / "dagster_home")))
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        done = instance.get_materialized_partitions(dg.AssetKey(asset))
+        return [k for k in instance.get_dynamic_partitions(SHARDS) if k not in done]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sd_assets.demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-c", "--config", action="append", default=[],
+                    help="run config YAML (repeatable, later files win); default configs/tiny.yaml")
+    ap.add_argument("--data-root", default=None,
+                    help="data root (default: the config's sd.data_root, else $SD_DATA_ROOT, else ./data)")
+    ap.add_argument("--init-home", action="store_true", help="only create {data_root}/dagster_home/dagster.yaml")
+    ap.add_argument("--missing", metavar="ASSET", help="print the ASSET's missing shard keys, comma-separated")
+    args = ap.parse_args(argv)
+
+    configs = args.config or [REPO_ROOT / "configs" / "tiny.yaml"]
+    run_config = load_run_config(configs)
+    sd = sd_resource_config(run_config)
+    root = args.data_root or sd.get("data_root") or os.environ.get("SD_DATA_ROOT") or "data"
+    data_root = Path(root).expanduser().resolve()
+    sd["data_root"] = str(data_root)
+    # Each stage runs its steps one after another in the CLI's own process (no per-step subprocess that
+    # imports torch again): on 2 cores the multiprocess executor only adds start-up time.
+    run_config.setdefault("execution", {"config": {"in_process": {}}})
+    if args.init_home:
+        print(ensure_dagster_home(data_root / "dagster_home"))
+        return 0
+    if args.missing:
+        print(",".join(missing_partitions(args.missing, data_root)))
+        return 0
+
+    try:
+        result = Demo(data_root, run_config).run()
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running stage was stopped; `make demo` again continues from what is materialised")
+        return 130
+    print()
+    print(f"done in {result['total_s'] / 60:.1f} min ({result['total_s']:.0f} s)")
+    if result.get("path"):
+        print(f"{result['asset']}: {result['path']}")
+    if isinstance(result.get("score"), (int, float)):
+        chance = result.get("chance")
+        print(f"prompt adherence: {result['score']:.0%}" + (f" (chance {chance:.0%})" if chance else ""))
+    print(f"UI: make dev (DAGSTER_HOME={data_root / 'dagster_home'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

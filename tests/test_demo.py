@@ -1,0 +1,100 @@
+"""`make demo`: the example run configs, the stage plan, and the whole graph materialised through the
+`dagster` CLI (shortened by configs/demo-fast.yaml) into a temporary data root, then reused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from e2e_support import ROOT, dagster, env_for
+from sd_assets.demo import load_run_config, plan_stages
+from sd_core.config import Profile, get_profile
+
+CONFIGS = ROOT / "configs"
+
+
+def _profile_from(path, data_root):
+    cfg = load_run_config([path])["resources"]["sd"]["config"]
+    return get_profile(cfg["profile"], data_root, cfg.get("overrides"))
+
+
+def test_example_configs_spell_out_their_profiles(tmp_path):
+    # The values shown in tiny.yaml and sd15.yaml are the profiles' own: editing one changes one thing.
+    assert _profile_from(CONFIGS / "tiny.yaml", tmp_path) == Profile.tiny(tmp_path)
+    assert _profile_from(CONFIGS / "sd15.yaml", tmp_path) == Profile.sd15(tmp_path)
+    fast = _profile_from(CONFIGS / "demo-fast.yaml", tmp_path)
+    assert fast.name == "tiny" and fast.train.max_steps < 50 and fast.source.synthetic_rows <= 200
+
+
+def test_example_configs_are_valid_run_config():
+    from sd_assets.definitions import defs
+
+    jobs = [defs.resolve_job_def(j.name) for j in defs.jobs] + [defs.resolve_implicit_global_asset_job_def()]
+    for name in ("tiny", "sd15", "demo-fast"):
+        run_config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        for job in jobs:
+            assert dg.validate_run_config(job, run_config) is not None, (name, job.name)
+
+
+def test_stages_follow_the_graph():
+    from sd_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    stages = plan_stages(graph)
+    order = [k for s in stages for k in s.keys]
+    assert sorted(order) == sorted(graph.materializable_asset_keys)
+    seen: set = set()
+    for stage in stages:
+        for key in stage.keys:
+            assert (graph.get(key).partitions_def is not None) == stage.partitioned
+            assert all(p in seen or p in stage.keys for p in graph.get(key).parent_keys if p in order), key
+        seen |= set(stage.keys)
+    assert not stages[0].partitioned
+
+
+def test_demo_materializes_every_asset_then_reuses_them(tmp_path):
+    data_root = tmp_path / "data"
+    cmd = [sys.executable, "-m", "sd_assets.demo", "-c", str(CONFIGS / "demo-fast.yaml"), "--data-root", str(data_root)]
+    env = env_for(data_root / "dagster_home", data_root)
+    t0 = time.monotonic()
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    first_s = time.monotonic() - t0
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+    out = first.stdout
+    assert "materializing" in out and "done in" in out
+
+    from sd_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    with dg.DagsterInstance.from_config(str(data_root / "dagster_home")) as instance:
+        shards = instance.get_dynamic_partitions("shards")
+        assert len(shards) >= 1
+        for key in graph.materializable_asset_keys:
+            if graph.get(key).partitions_def is None:
+                assert instance.get_latest_materialization_event(key) is not None, key
+            else:
+                assert instance.get_materialized_partitions(key) == set(shards), key
+    # the closing lines: where the grid is and its prompt-adherence score
+    grid = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("sample_grid: "))
+    assert Path(grid).is_file() and Path(grid).is_relative_to(data_root), grid
+    assert "prompt adherence:" in out
+
+    t0 = time.monotonic()
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
+    assert "materializing" not in second.stdout and "up to date" in second.stdout, second.stdout
+    assert time.monotonic() - t0 < first_s
+
+    # docs/operations.md, one shard re-encoded (the demo's run config has the data root and overrides):
+    #   dagster asset materialize -m sd_assets.definitions --select latents --partition KEY -c CONFIG
+    config = data_root / "dagster_home" / "demo_run_config.yaml"
+    dagster("asset", "materialize", "-m", "sd_assets.definitions", "--select", "latents", "--partition", shards[0],
+            "-c", str(config), env=env)
+    with dg.DagsterInstance.from_config(str(data_root / "dagster_home")) as instance:
+        runs = instance.get_runs(limit=1)
+        assert runs[0].tags.get("dagster/partition") == shards[0] and runs[0].status == dg.DagsterRunStatus.SUCCESS
