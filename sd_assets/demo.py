@@ -49,7 +49,7 @@ SHARDS = "shards"
 DAGSTER_YAML = """\
 # Dagster instance for sd-pipeline (written by `python -m sd_assets.demo`; edit freely, it is not rewritten).
 # Storage: SQLite files in this folder. Several concurrent writers lock SQLite: use dagster-postgres
-# (`storage: postgres: ...`) for a shared or busy deployment (docs/operations.md).
+# (`storage: postgres: ...`) for a shared or busy deployment (README.md, Scale-out).
 telemetry:
   enabled: false
 # Runs from the UI, backfills, sensors and schedules queue here; the daemon (`dagster dev`,

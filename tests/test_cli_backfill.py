@@ -1,4 +1,4 @@
-"""The per-shard commands of docs/operations.md, run as written against a temporary instance and data root:
+"""The per-shard commands of README.md (Operations), run as written against a temporary instance and data root:
 one shard with `dagster asset materialize`, "everything missing" (`python -m sd_assets.demo --missing`) fed to
 the several-shards command `dagster job backfill` (executed by a `dagster-daemon run` started here), and the
 automation sensor's on_missing behaviour."""

@@ -90,7 +90,7 @@ def test_demo_materializes_every_asset_then_reuses_them(tmp_path):
     assert "materializing" not in second.stdout and "up to date" in second.stdout, second.stdout
     assert time.monotonic() - t0 < first_s
 
-    # docs/operations.md, one shard re-encoded (the demo's run config has the data root and overrides):
+    # README.md (Operations), one shard re-encoded (the demo's run config has the data root and overrides):
     #   dagster asset materialize -m sd_assets.definitions --select latents --partition KEY -c CONFIG
     config = data_root / "dagster_home" / "demo_run_config.yaml"
     dagster("asset", "materialize", "-m", "sd_assets.definitions", "--select", "latents", "--partition", shards[0],
