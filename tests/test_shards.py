@@ -13,7 +13,13 @@ import pytest
 
 from sd_core.config import DownloadConfig
 from sd_core.data.image_server import ImageServer
-from sd_core.data.shards import NoImagesError, ShardDownloadError, download_shard, failure_reason
+from sd_core.data.shards import (
+    NoImagesError,
+    ShardDownloadError,
+    live_group_members,
+    download_shard,
+    failure_reason,
+)
 from sd_core.data.synthetic import SYNTHETIC_BASE_URL
 
 CFG = DownloadConfig(image_size=32, thread_count=2, timeout_s=30, watchdog_s=600)
@@ -56,22 +62,6 @@ def _part(path: Path, urls: list[str]) -> Path:
     return path
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``."""
-    alive = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(d.name))
-    return alive
-
-
 def _pid_from(logs: list[str]) -> int:
     for line in logs:
         m = re.search(r"img2dataset started: pid (\d+)", line)
@@ -89,7 +79,7 @@ def test_watchdog_kills_a_stalled_download_and_its_whole_group(tmp_path, trickle
                        log=logs.append)
     assert time.monotonic() - t0 < 90
     pid = _pid_from(logs)
-    assert _group_alive(pid) == []
+    assert live_group_members(pid) == []
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == []  # temp folder removed, nothing written
 
 
@@ -112,7 +102,7 @@ def test_cancel_in_the_parent_kills_the_process_group(tmp_path, trickle_url):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    assert _group_alive(_pid_from(logs)) == []
+    assert live_group_members(_pid_from(logs)) == []
     assert list((tmp_path / "shards").iterdir()) == []
 
 

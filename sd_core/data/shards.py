@@ -136,29 +136,54 @@ def _folder_progress(folder: Path) -> int:
     return total
 
 
-def _kill_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    """SIGTERM the child's whole session, then SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is not None:
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the non-zombie processes in process group ``pgid`` (Linux /proc; elsewhere unknown: [])."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return []
+    alive = []
+    for d in proc_dir.iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of an exited leader (img2dataset's logger)
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(d.name))
+    return alive
+
+
+def _kill_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0, settle_s: float = 10.0) -> None:
+    """SIGTERM the child's whole session, then SIGKILL what is left after ``grace_s``, and return only once
+    no process of the group is still running (SIGKILL is delivered asynchronously; img2dataset's orphaned
+    logger and workers would otherwise outlive the call for a moment)."""
+    pgid = proc.pid
+    if proc.poll() is None:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            proc.wait(timeout=grace_s)
         except (ProcessLookupError, PermissionError):
             pass
-        return
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=wait)
-            if sig == signal.SIGTERM:
-                try:  # the leader is gone; make sure its helpers are too
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            return
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # the leader's stragglers too, even when it has exited
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is not None and not live_group_members(pgid):
+            return
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def run_img2dataset(args: dict[str, Any], workdir: Path, cfg: DownloadConfig,
