@@ -390,3 +390,56 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- pretrained sources
+def _config_params(cfg: dict[str, Any], cls_name: str) -> int:
+    """Parameter count of a model from its config alone (instantiated on the meta device)."""
+    import torch
+
+    with torch.device("meta"):
+        if cls_name == "vae":
+            from diffusers import AutoencoderKL
+
+            m = AutoencoderKL.from_config(cfg)
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            m = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    return sum(p.numel() for p in m.parameters())
+
+
+def describe_pretrained(p: Profile) -> tuple[dict[str, Any], str]:
+    """sd15 (or any pretrained source): read the configs (hub id or local dir; no weights are loaded),
+    check they fit the profile (a ``ValueError`` listing every mismatch), count parameters.
+    Returns (a description of plain values, a version digest of the sources and their configs)."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextConfig
+
+    src = component_sources(p)
+    vae_cfg = dict(AutoencoderKL.load_config(src.vae))
+    te_cfg = CLIPTextConfig.from_pretrained(src.text_encoder).to_dict()
+    tok = AutoTokenizer.from_pretrained(src.tokenizer)
+    problems = []
+    if vae_cfg.get("latent_channels") != p.unet.in_ch:
+        problems.append(f"VAE latent_channels {vae_cfg.get('latent_channels')} != UNet in_ch {p.unet.in_ch}")
+    if te_cfg.get("hidden_size") != p.unet.ctx_dim:
+        problems.append(f"text encoder hidden_size {te_cfg.get('hidden_size')} != UNet ctx_dim {p.unet.ctx_dim}")
+    if te_cfg.get("max_position_embeddings", 0) < p.components.max_length:
+        problems.append(f"text encoder max_position_embeddings {te_cfg.get('max_position_embeddings')} < "
+                        f"max_length {p.components.max_length}")
+    if problems:
+        raise ValueError("components do not fit the profile: " + "; ".join(problems))
+    meta = {
+        "vae": src.vae, "text_encoder": src.text_encoder, "tokenizer": src.tokenizer,
+        "vae_params": _config_params(vae_cfg, "vae"),
+        "text_encoder_params": _config_params(te_cfg, "te"),
+        "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
+        "latent_shape": [vae_cfg["latent_channels"]] + [
+            p.encode.resolution // 2 ** (len(vae_cfg["block_out_channels"]) - 1)] * 2,
+        "context_shape": [p.components.max_length, te_cfg["hidden_size"]],
+        "vocab_size": len(tok),
+    }
+    version = hashlib.sha256(json.dumps([src.vae, src.text_encoder, src.tokenizer, vae_cfg, te_cfg],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return meta, version

@@ -11,7 +11,8 @@ import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from sd_assets.assets.latents import build_latents_asset, frozen_components, latents_code_version
+from sd_assets.assets.latents import build_latents_asset, frozen_components
+from sd_core.encode import latents_code_version
 from sd_assets.jobs import encode_job
 from sd_assets.resources import SDConfig
 from sd_assets.schedules import latents_refresh

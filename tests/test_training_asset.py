@@ -13,8 +13,8 @@ import time
 import dagster as dg
 import pytest
 
-from sd_assets.assets.training import (CHECK_NAME, stop_trainer_processes, trainer_command, trainer_processes,
-                                       unet_checkpoint)
+from sd_assets.assets.training import CHECK_NAME, unet_checkpoint
+from sd_core.launch import stop_trainer_processes, trainer_command, trainer_processes
 from sd_assets.resources import SDConfig
 from sd_core.checkpoint import load_train_state, load_unet, read_config
 from sd_core.config import Profile

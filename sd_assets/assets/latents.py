@@ -27,37 +27,12 @@ import dagster as dg
 
 from sd_assets.partitions import shards
 from sd_assets.resources import SDConfig
+from sd_core.components import describe_pretrained
 from sd_core.config import Profile, get_profile
+from sd_core.encode import latents_code_version, tar_version
 
-ENCODE_FORMAT = "e1"  # bump when encoding itself changes (preprocessing, posterior mean, cache layout)
 STD_RANGE = (0.5, 1.5)  # what the latents' std check accepts (scaled latents should have std ≈ 1)
 TINY_PSNR_WARN_DB = 18.0  # frozen_components check: below this the tiny VAE hardly reconstructs the shapes
-
-
-def latents_code_version(profile: Profile) -> str:
-    from sd_core.components import components_version
-
-    return f"{ENCODE_FORMAT}-{components_version(profile)}"
-
-
-def tar_version(path) -> str:
-    """Cheap identity of a shard tar: size and mtime (img2dataset rewrites the whole file)."""
-    st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def shard_status(profile: Profile, entry: dict[str, Any] | None, tar_path, digest: str) -> str | None:
-    """Why shard needs (re-)encoding: "missing", "stale: ..." or None when its cache is current."""
-    if entry is None:
-        return "missing"
-    want = latents_code_version(profile)
-    if entry.get("code_version") != want:
-        return f"stale: code version {entry.get('code_version')} != {want}"
-    if digest and entry.get("components_digest") != digest:
-        return f"stale: components {entry.get('components_digest')} != {digest}"
-    if tar_path.exists() and entry.get("source_version") not in (None, tar_version(tar_path)):
-        return "stale: shard tar changed"
-    return None
 
 
 # ------------------------------------------------------------------------------------- frozen components
@@ -65,59 +40,6 @@ class FrozenComponentsConfig(dg.Config):
     """``rebuild``: rebuild the tiny components even if a build with the same settings exists."""
 
     rebuild: bool = False
-
-
-def _config_params(cfg: dict[str, Any], cls_name: str) -> int:
-    """Parameter count of a model from its config alone (instantiated on the meta device)."""
-    import torch
-
-    with torch.device("meta"):
-        if cls_name == "vae":
-            from diffusers import AutoencoderKL
-
-            m = AutoencoderKL.from_config(cfg)
-        else:
-            from transformers import CLIPTextConfig, CLIPTextModel
-
-            m = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
-    return sum(p.numel() for p in m.parameters())
-
-
-def _resolve_pretrained(p: Profile) -> tuple[dict[str, Any], str]:
-    """sd15 (or any pretrained source): read the configs (hub id or local dir; no weights are loaded),
-    check they fit the profile, count parameters. Returns (metadata, data version)."""
-    from diffusers import AutoencoderKL
-    from transformers import AutoTokenizer, CLIPTextConfig
-
-    from sd_core.components import component_sources
-
-    src = component_sources(p)
-    vae_cfg = dict(AutoencoderKL.load_config(src.vae))
-    te_cfg = CLIPTextConfig.from_pretrained(src.text_encoder).to_dict()
-    tok = AutoTokenizer.from_pretrained(src.tokenizer)
-    problems = []
-    if vae_cfg.get("latent_channels") != p.unet.in_ch:
-        problems.append(f"VAE latent_channels {vae_cfg.get('latent_channels')} != UNet in_ch {p.unet.in_ch}")
-    if te_cfg.get("hidden_size") != p.unet.ctx_dim:
-        problems.append(f"text encoder hidden_size {te_cfg.get('hidden_size')} != UNet ctx_dim {p.unet.ctx_dim}")
-    if te_cfg.get("max_position_embeddings", 0) < p.components.max_length:
-        problems.append(f"text encoder max_position_embeddings {te_cfg.get('max_position_embeddings')} < "
-                        f"max_length {p.components.max_length}")
-    if problems:
-        raise dg.Failure("components do not fit the profile: " + "; ".join(problems))
-    meta = {
-        "vae": src.vae, "text_encoder": src.text_encoder, "tokenizer": src.tokenizer,
-        "vae_params": dg.MetadataValue.int(_config_params(vae_cfg, "vae")),
-        "text_encoder_params": dg.MetadataValue.int(_config_params(te_cfg, "te")),
-        "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
-        "latent_shape": dg.MetadataValue.json([vae_cfg["latent_channels"]] + [
-            p.encode.resolution // 2 ** (len(vae_cfg["block_out_channels"]) - 1)] * 2),
-        "context_shape": dg.MetadataValue.json([p.components.max_length, te_cfg["hidden_size"]]),
-        "vocab_size": dg.MetadataValue.int(len(tok)),
-    }
-    version = hashlib.sha256(json.dumps([src.vae, src.text_encoder, src.tokenizer, vae_cfg, te_cfg],
-                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return meta, version
 
 
 @dg.asset(
@@ -138,7 +60,10 @@ def frozen_components(context: dg.AssetExecutionContext, sd: SDConfig,
 
     p = sd.get()
     if not p.components.build_tiny:
-        meta, version = _resolve_pretrained(p)
+        try:
+            meta, version = describe_pretrained(p)
+        except ValueError as e:
+            raise dg.Failure(str(e)) from e
         return dg.MaterializeResult(
             metadata=meta, data_version=dg.DataVersion(version),
             check_results=[dg.AssetCheckResult(check_name="vae_reconstructs", passed=True,
