@@ -222,7 +222,7 @@ def run_cli(args: list[str], env: dict[str, str], log_path: Path, quiet_s: float
             stop.set()
     if rc != 0:
         tail = log_path.read_text().splitlines()[-40:]
-        raise SystemExit(f"\n".join(tail) + f"\n\nFAILED (exit {rc}): {' '.join(args)}\nfull log: {log_path}")
+        raise SystemExit("\n".join(tail) + f"\n\nFAILED (exit {rc}): {' '.join(args)}\nfull log: {log_path}")
 
 
 @dataclass

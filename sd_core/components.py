@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sd_core.config import ComponentsConfig, Profile
+from sd_core.config import Profile
 
 BUILD_FILE = "build.json"
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"

@@ -19,8 +19,6 @@ Versions:
 """
 
 
-import hashlib
-import json
 from typing import Any
 
 import dagster as dg

@@ -17,14 +17,13 @@ when it is at or below chance level.
 
 import base64
 import io
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from sd_assets.resources import SDConfig
+from sd_core.sample_grid import find_checkpoint, grid_is_valid, make_sample_grid
 
 LINEAGE_KEYS = ("manifest_hash", "shards", "shard_list", "filter", "filter_config", "source", "profile",
                 "text", "run_id", "latents_dir", "data_version", "latent_manifest")
@@ -50,41 +49,10 @@ def _upstream_checkpoint(context: dg.AssetExecutionContext) -> Path | None:
     return None
 
 
-def find_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint under ``checkpoints_dir``: the ``latest`` of the most recently updated run."""
-    from sd_core.checkpoint import CheckpointError, latest_checkpoint
-
-    if not checkpoints_dir.is_dir():
-        return None
-    runs = [p for p in checkpoints_dir.iterdir() if p.is_dir() and (p / "latest").exists()]
-    for run in sorted(runs, key=lambda p: (p / "latest").stat().st_mtime, reverse=True):
-        try:
-            ckpt = latest_checkpoint(run)
-        except CheckpointError:
-            continue
-        if ckpt is not None:
-            return ckpt
-    return None
-
-
-def _run_name(ckpt_dir: Path, checkpoints_dir: Path) -> str:
-    """``{run}`` for ``samples/{run}/``: the run directory's name (the parent of ``step_XXXXXXXX``)."""
-    if ckpt_dir.name.startswith("step_"):
-        return ckpt_dir.parent.name
-    return ckpt_dir.stem
-
-
 def _png_b64(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _atomic_save(img, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _lineage_metadata(config: dict[str, Any]) -> dict[str, Any]:
@@ -120,9 +88,6 @@ def _lineage_metadata(config: dict[str, Any]) -> dict[str, Any]:
 def sample_grid(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
     """DDIM (profile.sample.steps) + CFG (profile.sample.guidance) images of the fixed prompts × seeds from
     the latest checkpoint's EMA weights, as one PNG grid with the prompts as row labels."""
-    from sd_core.adherence import adherence
-    from sd_core.sample import generate, image_grid, load_for_sampling, pick_device, resolve_dtype
-
     profile = sd.get()
     cfg = profile.sample
     ckpt = _upstream_checkpoint(context) or find_checkpoint(profile.checkpoints_dir)
@@ -131,36 +96,16 @@ def sample_grid(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materiali
             description=f"no checkpoint found: no unet_checkpoint materialization with a checkpoint_path and no run "
                         f"with a 'latest' pointer under {profile.checkpoints_dir}. Materialise unet_checkpoint first."
         )
-    t0 = time.perf_counter()
-    device = pick_device()
-    bundle = load_for_sampling(ckpt, profile=profile, device=device, use_ema=True, dtype=resolve_dtype("auto", device))
-    context.log.info(f"sampling {bundle.checkpoint} (step {bundle.step}, {'EMA' if bundle.ema else 'live'} weights) "
-                     f"on {next(bundle.unet.parameters()).device}")
-    prompts = list(cfg.prompts)
-    seeds = list(cfg.seeds)
-    all_prompts = [p for p in prompts for _ in seeds]
-    all_seeds = [s for _ in prompts for s in seeds]
-    images = generate(
-        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, all_prompts,
-        negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, seed=all_seeds,
-        height=cfg.height, width=cfg.width, scaling_factor=bundle.scaling_factor, batch_size=16,
-        max_length=bundle.max_length,
-    )
-    elapsed = time.perf_counter() - t0
-    grid = image_grid(images, rows=len(prompts), labels=prompts)
-    run = _run_name(bundle.checkpoint, profile.checkpoints_dir)
-    out_dir = profile.samples_dir / run
-    grid_path = out_dir / "grid.png"
-    _atomic_save(grid, grid_path)
-    if bundle.step is not None:
-        _atomic_save(grid, out_dir / f"grid_step_{bundle.step:08d}.png")
+    context.log.info(f"sampling {ckpt} ({len(cfg.prompts)} prompts x {len(cfg.seeds)} seeds)")
+    out = make_sample_grid(ckpt, profile)
+    grid, grid_path, prompts, seeds = out.grid, out.grid_path, list(cfg.prompts), list(cfg.seeds)
 
     metadata: dict[str, Any] = {
         "grid": dg.MetadataValue.md(f"![sample grid](data:image/png;base64,{_png_b64(grid)})"),
         "grid_path": dg.MetadataValue.path(str(grid_path)),
-        "checkpoint_path": dg.MetadataValue.path(str(bundle.checkpoint)),
-        "checkpoint_step": bundle.step if bundle.step is not None else -1,
-        "ema_weights": bundle.ema,
+        "checkpoint_path": dg.MetadataValue.path(str(out.checkpoint)),
+        "checkpoint_step": out.step if out.step is not None else -1,
+        "ema_weights": out.ema,
         "prompts": dg.MetadataValue.json(prompts),
         "seeds": dg.MetadataValue.json(seeds),
         "negative_prompt": cfg.negative_prompt or "",
@@ -168,20 +113,20 @@ def sample_grid(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materiali
         "guidance": cfg.guidance,
         "eta": cfg.eta,
         "resolution": f"{cfg.width}x{cfg.height}",
-        "sampling_seconds": round(elapsed, 2),
-        **_lineage_metadata(bundle.config),
+        "sampling_seconds": round(out.seconds, 2),
+        **_lineage_metadata(out.checkpoint_config),
     }
     check_results = [
         dg.AssetCheckResult(
             check_name="grid_exists", asset_key="sample_grid",
-            passed=_grid_ok(grid_path, grid.size), metadata={"path": str(grid_path)},
+            passed=grid_is_valid(grid_path, grid.size), metadata={"path": str(grid_path)},
         )
     ]
-    if profile.name == "tiny":
-        result = adherence(images, all_prompts)
+    result = out.adherence
+    if result is not None:
         metadata.update(result.as_metadata())
         metadata["adherence_predicted"] = dg.MetadataValue.json(
-            [{"prompt": p, "seed": s, "colour": c} for p, s, c in zip(all_prompts, all_seeds, result.predicted)]
+            [{"prompt": p, "seed": s, "colour": c} for p, s, c in zip(out.prompts, out.seeds, result.predicted)]
         )
         ok = result.n > 0 and result.score > result.chance
         check_results.append(dg.AssetCheckResult(
@@ -197,18 +142,6 @@ def sample_grid(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materiali
             severity=dg.AssetCheckSeverity.WARN,
             metadata={"skipped": f"adherence is only defined for the tiny profile, not {profile.name!r}"},
         ))
-    context.log.info(f"wrote {grid_path} ({len(images)} images in {elapsed:.1f} s)")
+    context.log.info(f"wrote {grid_path} ({len(out.images)} images in {out.seconds:.1f} s)")
     return dg.MaterializeResult(metadata=metadata, check_results=check_results,
-                                data_version=dg.DataVersion(f"{run}@{bundle.step}"))
-
-
-def _grid_ok(path: Path, size: tuple[int, int]) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            return im.size == tuple(size) and im.format == "PNG"
-    except Exception:
-        return False
+                                data_version=dg.DataVersion(f"{out.run}@{out.step}"))

@@ -1,0 +1,118 @@
+"""The sample grid: fixed prompts × fixed seeds from one checkpoint, as one labelled PNG.
+
+Why fixed prompts and seeds: two grids of two checkpoints are then directly comparable (row r is prompt r,
+column c uses seed ``seeds[c]``). The grid is written to ``samples/{run}/grid.png`` plus a
+``grid_step_XXXXXXXX.png`` copy per checkpoint step, so earlier grids of a run stay around. For the tiny
+profile the prompt-adherence score (`sd_core.adherence`) comes with it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from sd_core.adherence import AdherenceResult, adherence
+from sd_core.atomic import temp_sibling
+from sd_core.checkpoint import CheckpointError, latest_checkpoint
+from sd_core.config import Profile
+
+
+@dataclass
+class SampleGrid:
+    """What `make_sample_grid` produced."""
+
+    grid: Image.Image
+    grid_path: Path
+    images: list[Image.Image]
+    prompts: list[str]  # per image (prompt-major)
+    seeds: list[int]  # per image
+    checkpoint: Path
+    step: int | None
+    ema: bool
+    run: str
+    seconds: float
+    checkpoint_config: dict[str, Any]  # the trainer's config.json: lineage (manifest hash, shards, filter, source)
+    adherence: AdherenceResult | None  # tiny profile only
+
+
+def find_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ``checkpoints_dir``: the ``latest`` of the most recently updated run."""
+    if not checkpoints_dir.is_dir():
+        return None
+    runs = [p for p in checkpoints_dir.iterdir() if p.is_dir() and (p / "latest").exists()]
+    for run in sorted(runs, key=lambda p: (p / "latest").stat().st_mtime, reverse=True):
+        try:
+            ckpt = latest_checkpoint(run)
+        except CheckpointError:
+            continue
+        if ckpt is not None:
+            return ckpt
+    return None
+
+
+def run_name(ckpt_dir: Path) -> str:
+    """``{run}`` for ``samples/{run}/``: the run directory's name (the parent of ``step_XXXXXXXX``)."""
+    if ckpt_dir.name.startswith("step_"):
+        return ckpt_dir.parent.name
+    return ckpt_dir.stem
+
+
+def save_png_atomic(img: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        img.save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def grid_is_valid(path: Path, size: tuple[int, int]) -> bool:
+    """``path`` is a readable PNG of ``size`` (what the `grid_exists` check asserts)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            return im.size == tuple(size) and im.format == "PNG"
+    except Exception:  # noqa: BLE001 - any unreadable file fails the check
+        return False
+
+
+def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -> SampleGrid:
+    """Render ``profile.sample``'s prompts × seeds from ``checkpoint``'s EMA weights (DDIM + CFG) and write
+    the grid under ``profile.samples_dir``."""
+    from sd_core.sample import generate, image_grid, load_for_sampling, pick_device, resolve_dtype
+
+    cfg = profile.sample
+    t0 = time.perf_counter()
+    device = pick_device()
+    bundle = load_for_sampling(checkpoint, profile=profile, device=device, use_ema=True,
+                               dtype=resolve_dtype("auto", device))
+    prompts = list(cfg.prompts)
+    seeds = list(cfg.seeds)
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
+    images = generate(
+        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, all_prompts,
+        negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, seed=all_seeds,
+        height=cfg.height, width=cfg.width, scaling_factor=bundle.scaling_factor, batch_size=batch_size,
+        max_length=bundle.max_length,
+    )
+    seconds = time.perf_counter() - t0
+    grid = image_grid(images, rows=len(prompts), labels=prompts)
+    run = run_name(bundle.checkpoint)
+    out_dir = profile.samples_dir / run
+    grid_path = out_dir / "grid.png"
+    save_png_atomic(grid, grid_path)
+    if bundle.step is not None:
+        save_png_atomic(grid, out_dir / f"grid_step_{bundle.step:08d}.png")
+    return SampleGrid(
+        grid=grid, grid_path=grid_path, images=images, prompts=all_prompts, seeds=all_seeds,
+        checkpoint=bundle.checkpoint, step=bundle.step, ema=bundle.ema, run=run, seconds=seconds,
+        checkpoint_config=dict(bundle.config or {}),
+        adherence=adherence(images, all_prompts) if profile.name == "tiny" else None,
+    )
