@@ -1,15 +1,12 @@
-"""Sensors: the shard sensor (new shards on disk → partitions + runs) and the automation sensor."""
+"""Sensors: the shard sensor (new shard parts on disk → partitions + runs). The automation-condition sensor
+lives in `sd_assets.automation`."""
 
 import dagster as dg
 
-sensors: list[dg.SensorDefinition] = []
-
-
-# ------------------------------------------------------------------------------------------ shard sensor
-from sd_assets.jobs import shards_job  # noqa: E402
-from sd_assets.partitions import shards  # noqa: E402
-from sd_assets.resources import SDConfig  # noqa: E402
-from sd_core.data.filter import existing_parts  # noqa: E402
+from sd_assets.jobs import shards_job
+from sd_assets.partitions import shards
+from sd_assets.resources import SDConfig
+from sd_core.data.filter import existing_parts
 
 # Part of every run key: bump it to request the runs again for shards this sensor has already requested
 # (a sensor never reuses a run_key, so a re-run with an unchanged key would be skipped silently).
@@ -45,4 +42,4 @@ def shard_sensor(context: dg.SensorEvaluationContext, sd: SDConfig):
     )
 
 
-sensors.append(shard_sensor)
+sensors: list[dg.SensorDefinition] = [shard_sensor]

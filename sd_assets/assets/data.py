@@ -4,34 +4,18 @@ Thin wiring over `sd_core.data` (metadata sources, the DuckDB filter, img2datase
 from the selected `sd_core.config.Profile` (the ``sd`` resource).
 """
 
-import hashlib
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
 import dagster as dg
-import pyarrow.parquet as pq
 
 from sd_assets.partitions import shards
 from sd_assets.resources import SDConfig
-from sd_core.data.filter import check_parts, existing_parts, filter_metadata
+from sd_core.data.filter import check_parts, existing_parts, filter_metadata, parts_version
 from sd_core.data.image_server import ImageServer
-from sd_core.data.metadata import CANONICAL, fetch_source
+from sd_core.data.metadata import CANONICAL, fetch_source, files_version
 from sd_core.data.shards import download_shard
-from sd_core.data.synthetic import SYNTHETIC_BASE_URL, generate_synthetic
-
-
-def _files_version(paths: list[Path]) -> str:
-    """A data version for parquet files: name, size and footer bytes of each (cheap for 100 GB of metadata,
-    and any rewrite changes the footer)."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        size = p.stat().st_size
-        h.update(f"{p.name}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read())
-    return h.hexdigest()[:16]
+from sd_core.data.synthetic import generate_synthetic, served_by_synthetic_server
 
 
 def _register_shards(context: dg.AssetExecutionContext, keys: list[str]) -> list[str]:
@@ -76,7 +60,7 @@ def laion_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materi
     }
     if res.synthetic:
         metadata["synthetic_planted"] = dg.MetadataValue.json(res.synthetic)
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(_files_version(res.files)))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(files_version(res.files)))
 
 
 @dg.asset(
@@ -100,8 +84,6 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
     context.log.info(f"{report.rows_in:,} rows in, {report.rows_out:,} rows in {len(report.shard_keys)} new "
                      f"part(s) {report.shard_keys}; {len(added)} partition(s) registered")
     violations = check_parts(list(parts.values()), p.filter)
-    version = hashlib.sha256(json.dumps(
-        {k: pq.read_metadata(v).num_rows for k, v in parts.items()}, sort_keys=True).encode()).hexdigest()[:16]
     return dg.MaterializeResult(
         metadata={
             "funnel": dg.MetadataValue.md(report.funnel_markdown()),
@@ -114,7 +96,7 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
             "seconds": report.seconds,
             "path": dg.MetadataValue.path(str(p.filtered_dir)),
         },
-        data_version=dg.DataVersion(version),
+        data_version=dg.DataVersion(parts_version(parts)),
         check_results=[dg.AssetCheckResult(
             check_name="thresholds_hold",
             passed=not any(violations.values()),
@@ -124,11 +106,6 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
             "re-filter into a fresh data root to apply tighter ones",
         )],
     )
-
-
-def _needs_loopback(part: Path) -> bool:
-    urls = pq.read_table(part, columns=["url"]).column("url")
-    return any(u is not None and u.startswith(SYNTHETIC_BASE_URL + "/") for u in urls.to_pylist())
 
 
 @dg.asset(
@@ -149,7 +126,7 @@ def image_shards(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Material
     if not part.is_file():
         raise dg.Failure(f"shard {key}: its filtered part {part} does not exist (materialise filtered_metadata "
                          f"with the same data root first)")
-    server = ImageServer() if _needs_loopback(part) else nullcontext()
+    server = ImageServer() if served_by_synthetic_server(part) else nullcontext()
     with server as srv:
         if srv is not None:
             context.log.info(f"serving the synthetic images on {srv.base_url}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -345,3 +346,10 @@ def check_parts(parts: Sequence[str | os.PathLike[str]], cfg: FilterConfig) -> d
         return {n: int(v) for n, v in zip(names, row)}
     finally:
         con.close()
+
+
+def parts_version(parts: dict[str, Path]) -> str:
+    """A data version of the shard parts: their keys and row counts (parts are never rewritten, so a new
+    version means new parts)."""
+    counts = {k: pq.read_metadata(v).num_rows for k, v in parts.items()}
+    return hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()[:16]

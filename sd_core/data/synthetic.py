@@ -344,3 +344,10 @@ def atomic_write_parquet(table: pa.Table, path: Path, **kwargs: Any) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def served_by_synthetic_server(part: Path) -> bool:
+    """Whether a shard part points at the embedded synthetic images (so its download needs the loopback
+    `ImageServer` running)."""
+    urls = pq.read_table(part, columns=["url"]).column("url")
+    return any(u is not None and u.startswith(SYNTHETIC_BASE_URL + "/") for u in urls.to_pylist())
