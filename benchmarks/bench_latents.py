@@ -42,7 +42,7 @@ SD_VAE_FT_MSE = {
 
 
 def bench_reads(root: Path, n: int, shard_size: int, batch: int, batches: int, seed: int = 0) -> dict:
-    from sd_core.latents import LatentDataset, write_shard
+    from sd_core.encoding.latent_cache import LatentDataset, write_shard
 
     rng = np.random.default_rng(seed)
     cache, per_file = root / "cache", root / "per_file"
@@ -102,10 +102,10 @@ def bench_encode(root: Path, n: int, device: str, batch_size: int, workers: int)
     import torch
     from diffusers import AutoencoderKL
 
-    from sd_core.components import build_tiny_tokenizer
+    from sd_core.encoding.components import build_tiny_tokenizer
     from sd_core.config import Profile
     from sd_core.data import synthetic as S
-    from sd_core.encode import ShardSamples, encode_shard
+    from sd_core.encoding.encode import ShardSamples, encode_shard
 
     comp = root / "components"
     if not (comp / "vae").exists():

@@ -1,5 +1,5 @@
 """Sampling latency: 30-step DDIM + classifier-free guidance, our loop and UNet against diffusers'
-``StableDiffusionPipeline`` on the same weights (our UNet converted with ``sd_core.convert.to_diffusers``),
+``StableDiffusionPipeline`` on the same weights (our UNet converted with ``sd_core.model.convert.to_diffusers``),
 in one process, runs interleaved, median of the repeats.
 
     python benchmarks/bench_sampling.py            # tiny profile on CPU (+ SD 1.5 at 512 px when CUDA is there)
@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sd_core.config import UNetConfig  # noqa: E402
-from sd_core.sample import generate  # noqa: E402
-from sd_core.unet import UNetModel  # noqa: E402
+from sd_core.sampling.generate import generate  # noqa: E402
+from sd_core.model.unet import UNetModel  # noqa: E402
 
 
 def _randomize_zero_init(unet: torch.nn.Module, seed: int = 0) -> None:
@@ -39,7 +39,7 @@ def _randomize_zero_init(unet: torch.nn.Module, seed: int = 0) -> None:
 
 
 def tiny_components(device: torch.device, dtype: torch.dtype):
-    from sd_core.components import build_tiny_text_encoder, build_tiny_tokenizer, build_tiny_vae
+    from sd_core.encoding.components import build_tiny_text_encoder, build_tiny_tokenizer, build_tiny_vae
     from sd_core.config import Profile
     from sd_core.data.synthetic import vocabulary
 
@@ -61,7 +61,7 @@ def sd15_components(device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_core.components import build_tiny_tokenizer
+    from sd_core.encoding.components import build_tiny_tokenizer
     from sd_core.data.synthetic import vocabulary
 
     tok = build_tiny_tokenizer(vocabulary(), 77)  # token ids only matter for their count (77)
@@ -85,8 +85,8 @@ def _sync(device: torch.device) -> None:
 def run_case(name: str, build, device: torch.device, dtype: torch.dtype, steps: int, repeats: int) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from sd_core.convert import to_diffusers
-    from sd_core.schedulers import DDIMScheduler as OurDDIM
+    from sd_core.model.convert import to_diffusers
+    from sd_core.model.schedulers import DDIMScheduler as OurDDIM
 
     unet, te, tok, vae, prompts, size = build(device, dtype)
     unet, te, vae = (m.to(device=device, dtype=dtype).eval() for m in (unet, te, vae))

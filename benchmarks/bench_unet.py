@@ -1,6 +1,6 @@
-"""UNet training-step benchmark: our `sd_core.unet.UNetModel` vs diffusers `UNet2DConditionModel`.
+"""UNet training-step benchmark: our `sd_core.model.unet.UNetModel` vs diffusers `UNet2DConditionModel`.
 
-Both models hold the same weights (ours converted with `sd_core.convert.to_diffusers`) and run the same
+Both models hold the same weights (ours converted with `sd_core.model.convert.to_diffusers`) and run the same
 training step: forward on (noisy latents, timesteps, text context), MSE against the noise, backward, AdamW
 step (lr 1e-4, weight decay 1e-2), gradients set to None. One process, one run, same inputs.
 
@@ -38,8 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sd_core.config import UNetConfig  # noqa: E402
-from sd_core.convert import to_diffusers  # noqa: E402
-from sd_core.unet import UNetModel  # noqa: E402
+from sd_core.model.convert import to_diffusers  # noqa: E402
+from sd_core.model.unet import UNetModel  # noqa: E402
 
 TRAIN_FLOP_PER_SAMPLE_SD15_64 = 2.407e12  # SD 1.5 UNet, 64×64 latents, 77 tokens: forward + backward
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
@@ -137,7 +137,7 @@ def bench_cpu(args) -> str:
         "",
         "| model | s/step (median, wall) | samples/s | speed vs diffusers (wall) | CPU s/step | speed vs diffusers (CPU time) |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| ours (`sd_core.unet.UNetModel`) | {med['ours']:.3f} | {args.batch / med['ours']:.1f} |"
+        f"| ours (`sd_core.model.unet.UNetModel`) | {med['ours']:.3f} | {args.batch / med['ours']:.1f} |"
         f" **{statistics.median(ratios):.2f}×** | {cpu_med['ours']:.3f} | {statistics.median(cpu_ratios):.2f}× |",
         f"| diffusers `UNet2DConditionModel` | {med['diffusers']:.3f} | {args.batch / med['diffusers']:.1f} | 1.00× |"
         f" {cpu_med['diffusers']:.3f} | 1.00× |",
@@ -155,7 +155,7 @@ def bench_cpu(args) -> str:
 
 def to_diffusers_order(theirs, ours):
     """diffusers' tensors in our state dict's key order (so the two can be compared one to one)."""
-    from sd_core.convert import unet_state_dict_from_diffusers
+    from sd_core.model.convert import unet_state_dict_from_diffusers
 
     return unet_state_dict_from_diffusers(theirs.state_dict(), ours.config).values()
 

@@ -15,16 +15,16 @@ _IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Da
 
 def latents_refresh_requests(context: dg.ScheduleEvaluationContext, sd: SDConfig) -> list[dg.RunRequest]:
     """One ``encode_job`` run request per shard partition whose images exist but whose latent cache is
-    missing or stale (see `sd_core.encode.shard_status`): compared against the cache manifest,
+    missing or stale (see `sd_core.encoding.encode.shard_status`): compared against the cache manifest,
     which records the encode version, the components digest and the source tar's identity per shard.
 
     Run keys are ``latents:{shard}:{encode version}:{components digest}:{attempt}``: a VAE change (new
     version) is never deduplicated against the earlier encode, and ``attempt`` (failed/cancelled runs of
     that partition so far) lets a failed encode be retried. Shards with a run in flight are left alone.
     """
-    from sd_core.encode import latents_code_version, shard_status
-    from sd_core.components import components_digest
-    from sd_core.latents import read_manifest
+    from sd_core.encoding.encode import latents_code_version, shard_status
+    from sd_core.encoding.components import components_digest
+    from sd_core.encoding.latent_cache import read_manifest
 
     p = sd.get()
     manifest = read_manifest(p.latents_dir)

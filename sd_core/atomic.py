@@ -1,16 +1,26 @@
-"""Crash-safe file writes: write to a temporary sibling, fsync, rename over the target, fsync the folder.
+"""Crash-safe writes: write to a temporary sibling, fsync, rename over the target, fsync the folder.
 
-Every artefact a crash could cut short (checkpoints, the `latest` pointer, the latent manifest, run results)
-goes through here, so a reader sees either the old file or the new one, never a truncated one.
+Every artefact a crash could cut short (checkpoints, the `latest` pointer, the latent manifest, shard parts,
+the frozen components, an exported pipeline, run results) goes through here, so a reader sees either the old
+file or folder or the new one, never a truncated one.
+
+- files: `write_text_atomic`, `write_json_atomic`, `write_parquet_atomic`;
+- folders: ``with atomic_dir(final) as tmp: ...`` builds into a temporary sibling and swaps it into place only
+  when the block succeeds (`replace_dir`); `remove_dir` deletes a folder so that a half-deleted one is never
+  mistaken for a complete one.
+
+Temporary names start with ``.tmp-`` and end with ``.tmp``, so leftovers of a killed process are easy to find.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def fsync_dir(d: str | os.PathLike[str]) -> None:
@@ -53,3 +63,56 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Replace ``path`` with ``obj`` as indented, key-sorted JSON, atomically."""
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def write_parquet_atomic(table: Any, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    """Replace ``path`` with the Arrow ``table`` as parquet (``kwargs`` go to `pyarrow.parquet.write_table`)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        pq.write_table(table, tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst``: rename the old one away, rename the new one
+    in, then delete the old one (a crash in between leaves a complete folder under one of the two names)."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{dst.name}-", suffix=".tmp", dir=dst.parent))
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(path: str | os.PathLike[str]) -> None:
+    """Delete a folder, renaming it to a temporary name first so a half-deleted folder never keeps its name."""
+    path = Path(path)
+    doomed = Path(tempfile.mkdtemp(prefix=f".tmp-del-{path.name}-", suffix=".tmp", dir=path.parent))
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new empty folder beside ``final`` to build into; when the block ends without an exception it is
+    fsynced and swapped into place (`replace_dir`), otherwise it is deleted and ``final`` stays as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

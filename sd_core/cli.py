@@ -12,8 +12,8 @@ import sys
 # subcommand -> (module, function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("sd_core.train", "main", "train the UNet on the latent cache (torchrun-compatible)"),
-    "generate": ("sd_core.sample", "generate_main", "generate images from a checkpoint"),
-    "export-diffusers": ("sd_core.export", "main", "export a checkpoint as a diffusers pipeline folder"),
+    "generate": ("sd_core.sampling.generate", "generate_main", "generate images from a checkpoint"),
+    "export-diffusers": ("sd_core.sampling.export", "main", "export a checkpoint as a diffusers pipeline folder"),
 }
 
 

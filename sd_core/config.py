@@ -144,7 +144,7 @@ class DownloadConfig:
 @dataclass(frozen=True)
 class ComponentsConfig:
     """The frozen VAE, text encoder and tokenizer: hub ids or local directories, loaded one way
-    (`sd_core.components.load_components`).
+    (`sd_core.encoding.components.load_components`).
 
     ``build_tiny``: build small components into ``{data_root}/components`` from the synthetic data (tiny
     profile) instead of loading pretrained ones; they are then loaded from there by the same code path.
@@ -164,7 +164,7 @@ class ComponentsConfig:
     tiny_text_heads: int = 4
     tiny_vae_channels: tuple[int, ...] = (16, 32, 32)
     tiny_vae_layers_per_block: int = 1
-    tiny_vae_norm_groups: int = 1  # GroupNorm groups; few groups keep absolute colour (see sd_core.vae_fit)
+    tiny_vae_norm_groups: int = 1  # GroupNorm groups; few groups keep absolute colour (see sd_core.encoding.vae_fit)
     vae_fit_seconds: float = 180.0  # tiny VAE fitting budget (wall clock)
     vae_fit_steps: int | None = None  # cap on fitting steps (None: the time budget alone)
     vae_fit_batch_size: int = 16
@@ -173,7 +173,7 @@ class ComponentsConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    """Latent encoding of one shard (`sd_core.encode.encode_shard`).
+    """Latent encoding of one shard (`sd_core.encoding.encode.encode_shard`).
 
     ``resolution``: images are resized (shorter side) and centre-cropped to this square. ``decode_workers``:
     JPEG-decoding worker processes feeding each encoder process. ``num_gpus``: encoder processes, one per
@@ -236,11 +236,11 @@ class SampleConfig:
     """Fixed prompts and seeds of the `sample_grid` asset (and the defaults of `sd generate`).
 
     The grid has one row per prompt and one column per seed: cell (r, c) is ``prompts[r]`` sampled with seed
-    ``seeds[c]`` (one generator per image, see `sd_core.sample`), so grids of different checkpoints compare
+    ``seeds[c]`` (one generator per image, see `sd_core.sampling.generate`), so grids of different checkpoints compare
     cell by cell. DDIM with ``steps`` steps and ``eta``; classifier-free guidance ``guidance`` against the
     empty prompt, or ``negative_prompt`` when set. ``height``/``width`` in pixels (multiples of the VAE's
     downsampling). For the tiny profile every prompt names one colour of `sd_core.data.synthetic.COLORS`, which
-    the prompt-adherence score (`sd_core.adherence`) checks.
+    the prompt-adherence score (`sd_core.sampling.adherence`) checks.
     """
 
     prompts: tuple[str, ...] = (

@@ -35,7 +35,7 @@ def tiny_profile(data_root: Path) -> Profile:
 
 def build_session_components(base: Path) -> Path:
     """Build (or reuse) the tiny components under ``base/data/components``; returns that directory."""
-    from sd_core.components import build_tiny_components
+    from sd_core.encoding.components import build_tiny_components
 
     import torch
 

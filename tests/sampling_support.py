@@ -1,6 +1,6 @@
 """Tiny real components for the sampling tests (built directly, no hub, a few hundred kB each).
 
-Used until/unless `sd_core.components` provides builders; the models are real transformers/diffusers classes,
+Used until/unless `sd_core.encoding.components` provides builders; the models are real transformers/diffusers classes,
 so the same code paths run as with SD 1.5's components.
 """
 
@@ -14,14 +14,14 @@ MAX_LEN = 16
 
 
 def tiny_tokenizer():
-    from sd_core.components import build_tiny_tokenizer
+    from sd_core.encoding.components import build_tiny_tokenizer
     from sd_core.data.synthetic import vocabulary
 
     return build_tiny_tokenizer(vocabulary(), MAX_LEN)
 
 
 def tiny_text_encoder(seed: int = 0, hidden: int = 64):
-    from sd_core.components import build_tiny_text_encoder
+    from sd_core.encoding.components import build_tiny_text_encoder
 
     return build_tiny_text_encoder(len(tiny_tokenizer()), hidden, layers=2, heads=4, max_length=MAX_LEN, seed=seed)
 
@@ -30,7 +30,7 @@ def tiny_vae(seed: int = 0, scaling_factor: float = 0.5):
     """A 32 px → 4×8×8 AutoencoderKL (random weights: the tests check arithmetic, not image quality)."""
     from diffusers import AutoencoderKL
 
-    from sd_core.components import tiny_vae_config
+    from sd_core.encoding.components import tiny_vae_config
 
     torch.manual_seed(seed)
     cfg = tiny_vae_config((8, 16, 16), layers_per_block=1, image_size=32)
@@ -47,7 +47,7 @@ def tiny_unet_config(ctx_dim: int = 64):
 def tiny_unet(seed: int = 0, ctx_dim: int = 64):
     """Our tiny UNet with non-zero output layers (a fresh one predicts eps = 0, which would make every test
     of guidance or prompts vacuous)."""
-    from sd_core.unet import UNetModel
+    from sd_core.model.unet import UNetModel
 
     torch.manual_seed(seed)
     unet = UNetModel(tiny_unet_config(ctx_dim))
@@ -78,15 +78,15 @@ def save_components(root, seed: int = 0, vae_scaling: float = 0.5):
     return comps
 
 
-def save_tiny_checkpoint(run_dir, unet, step: int = 10, extra_config=None, with_ema: bool = True):
-    """A checkpoint in the trainer's format (``sd_core.checkpoint.save_checkpoint``); the EMA weights are the
-    UNet's weights × 1 (so EMA and live weights agree unless a test changes them)."""
-    from sd_core.checkpoint import save_checkpoint
+def save_tiny_checkpoint(run_dir, unet, step: int = 10, lineage=None, with_ema: bool = True):
+    """A checkpoint in the trainer's format (``sd_core.training.checkpoint.save_checkpoint``) whose config.json
+    record holds ``lineage`` (CheckpointConfig fields); the EMA weights are the UNet's weights × 1 (so EMA and
+    live weights agree unless a test changes them)."""
+    from sd_core.training.checkpoint import CheckpointConfig, save_checkpoint
 
     sd = unet.state_dict()
-    return save_checkpoint(run_dir, step, unet_state=sd, ema_state=sd if with_ema else None,
-                           train_state={"step": step}, unet_config=unet.config,
-                           extra_config=dict(extra_config or {}))
+    return save_checkpoint(run_dir, CheckpointConfig(step=step, unet=unet.config, **dict(lineage or {})),
+                           unet_state=sd, ema_state=sd if with_ema else None, train_state={"step": step})
 
 
 @contextlib.contextmanager

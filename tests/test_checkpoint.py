@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from sd_core import checkpoint as ck
+from sd_core.training import checkpoint as ck
 from sd_core.config import UNetConfig
-from sd_core.unet import UNetModel
+from sd_core.model.unet import UNetModel
 
 CFG = UNetConfig(ch=16, ch_mults=(1, 2), res_blks=1, attn_lvls=(2,), heads=2, ctx_dim=8, norm_groups=8)
 
@@ -26,10 +26,11 @@ def _model(seed: int = 0) -> UNetModel:
 
 def _save(run, step, model, ema=None, keep_last=None, **state):
     return ck.save_checkpoint(
-        run, step, unet_state=model.state_dict(), ema_state=(ema or model).state_dict(),
+        run, ck.CheckpointConfig(step=step, unet=CFG, manifest_hash="abc"),
+        unet_state=model.state_dict(), ema_state=(ema or model).state_dict(),
         train_state={"step": step, "rng": torch.arange(7, dtype=torch.uint8), "nested": {"a": [1, 2.5, "x", None]},
                      **state},
-        unet_config=CFG, extra_config={"manifest_hash": "abc"}, keep_last=keep_last)
+        keep_last=keep_last)
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -54,7 +55,7 @@ def test_roundtrip_latest_and_weights_only_state(tmp_path):
     assert state["step"] == 10 and state["nested"] == {"a": [1, 2.5, "x", None]}
     assert torch.equal(state["rng"], torch.arange(7, dtype=torch.uint8))
     cfg = ck.read_config(run)
-    assert cfg["step"] == 10 and cfg["manifest_hash"] == "abc" and ck.unet_config_from_dict(cfg["unet"]) == CFG
+    assert cfg.step == 10 and cfg.manifest_hash == "abc" and cfg.unet == CFG
     assert ck.nonfinite_tensors(run) == {"unet.safetensors": [], "ema.safetensors": []}
 
 
@@ -63,8 +64,8 @@ class Evil:
 
 
 def test_state_with_arbitrary_objects_is_refused(tmp_path):
-    ck.save_checkpoint(tmp_path, 1, unet_state=_model().state_dict(), ema_state=None,
-                       train_state={"obj": Evil()}, unet_config=CFG)
+    ck.save_checkpoint(tmp_path, ck.CheckpointConfig(step=1, unet=CFG), unet_state=_model().state_dict(),
+                       ema_state=None, train_state={"obj": Evil()})
     with pytest.raises(Exception, match="[Ww]eights only|weights_only|Unsupported global"):
         ck.load_train_state(tmp_path)
 

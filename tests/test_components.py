@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core.components import (
+from sd_core.encoding.components import (
     BUILD_FILE,
     build_tiny_components,
     build_tiny_tokenizer,
@@ -58,7 +58,7 @@ def test_tiny_build_reconstructs_and_records_itself(tiny_built, tmp_path):
     install_components(tiny_built, p)
     c = load_components(p)
     assert c.scaling_factor == pytest.approx(info["scaling_factor"]) and c.scaling_factor != 1.0
-    from sd_core.vae_fit import synthetic_batch
+    from sd_core.encoding.vae_fit import synthetic_batch
 
     batch = synthetic_batch(48, 64, random.Random(99))
     z = c.encode_images(batch.images)

@@ -1,4 +1,4 @@
-"""sd_core.convert: numerical parity with diffusers' UNet2DConditionModel (the oracle), exact round trips,
+"""sd_core.model.convert: numerical parity with diffusers' UNet2DConditionModel (the oracle), exact round trips,
 CompVis checkpoint import, and loud errors on mismatched keys or unsupported configs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel  # the oracle: a project dependency, never skipped
 
 from sd_core.config import UNetConfig
-from sd_core.convert import (
+from sd_core.model.convert import (
     StateDictMismatchError,
     diffusers_config,
     from_compvis,
@@ -20,7 +20,7 @@ from sd_core.convert import (
     unet_state_dict_from_diffusers,
     unet_state_dict_to_diffusers,
 )
-from sd_core.unet import UNetModel
+from sd_core.model.unet import UNetModel
 from tests.unet_support import inputs, one_thread, randomize_  # noqa: F401 (autouse fixture)
 
 # A second architecture that differs from tiny in widths, depth, attention levels, norm groups, heads,

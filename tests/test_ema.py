@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sd_core.ema import EMA
+from sd_core.model.ema import EMA
 
 
 def small_model(seed: int = 0) -> nn.Module:

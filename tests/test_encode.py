@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core.components import load_components
-from sd_core.encode import encode_shard, latent_stats, load_image
-from sd_core.latents import LatentDataset, read_manifest, read_shard_table
-from sd_core.vae_fit import psnr
+from sd_core.encoding.components import load_components
+from sd_core.encoding.encode import encode_shard, latent_stats, load_image
+from sd_core.encoding.latent_cache import LatentDataset, read_manifest, read_shard_table
+from sd_core.encoding.vae_fit import psnr
 from tests.latents_support import PSNR_FLOOR_DB, build_session_components, install_components, tiny_profile, \
     write_synthetic_tar
 
@@ -112,7 +112,7 @@ def test_sd15_shapes_encode_a_512px_image(tmp_path):
     """The full SD 1.5 path on CPU: one 512 px image through a random sd-vae-ft-mse-config VAE → 4×64×64."""
     from diffusers import AutoencoderKL
 
-    from sd_core.components import build_tiny_tokenizer
+    from sd_core.encoding.components import build_tiny_tokenizer
     from sd_core.config import Profile
     from sd_core.data import synthetic as S
     from tests.test_components import SD_VAE_FT_MSE

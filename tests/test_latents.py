@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core.latents import (
+from sd_core.encoding.latent_cache import (
     LatentDataset,
     manifest_hash,
     read_manifest,
@@ -133,7 +133,7 @@ def test_rewrite_is_atomic_and_leaves_other_shards_alone(tmp_path, monkeypatch):
     before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in (p1.latents, p1.tokens, p1.table)}
 
     # a failure while writing (e.g. disk full) leaves the old shard intact and no temporaries behind
-    import sd_core.latents as L
+    import sd_core.encoding.latent_cache as L
 
     real_write = L._write_npy_tmp
 
@@ -167,7 +167,7 @@ def test_rewrite_is_atomic_and_leaves_other_shards_alone(tmp_path, monkeypatch):
 _KILL_SCRIPT = """
 import os, sys, time
 import numpy as np
-import sd_core.latents as L
+import sd_core.encoding.latent_cache as L
 cache, stage = sys.argv[1], sys.argv[2]
 if stage == "write":  # stop while the new latents are being written to their temporary file
     real = L._write_npy_tmp

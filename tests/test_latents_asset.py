@@ -12,12 +12,12 @@ from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from sd_assets.assets.latents import build_latents_asset, frozen_components
-from sd_core.encode import latents_code_version
+from sd_core.encoding.encode import latents_code_version
 from sd_assets.jobs import encode_job
 from sd_assets.resources import SDConfig
 from sd_assets.schedules import latents_refresh
 from sd_core.config import Profile
-from sd_core.latents import LatentDataset, read_manifest, read_shard_table, shard_paths
+from sd_core.encoding.latent_cache import LatentDataset, read_manifest, read_shard_table, shard_paths
 from tests.latents_support import OVERRIDES, build_session_components, install_components, tiny_profile, \
     write_synthetic_tar
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sampling_support import (components, one_thread, save_components, save_tiny_checkpoint, tiny_unet)
-from sd_core.sample import CompatibilityError, generate, load_for_sampling, make_generators
+from sd_core.sampling.generate import CompatibilityError, generate, load_for_sampling, make_generators
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 KW = dict(height=32, width=32)
@@ -38,7 +38,7 @@ def _arr(img) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exported(comps, tmp_path_factory):
-    from sd_core.export import export_pipeline
+    from sd_core.sampling.export import export_pipeline
 
     out = export_pipeline(**comps, out_dir=tmp_path_factory.mktemp("export") / "pipe")
     from diffusers import StableDiffusionPipeline
@@ -117,19 +117,19 @@ def ckpt_root(tmp_path, monkeypatch):
     comps = save_components(root)
     unet = tiny_unet(seed=1)
     ckpt = save_tiny_checkpoint(root / "checkpoints" / "run1", unet, step=20,
-                                extra_config={"manifest_hash": "abc123", "scaling_factor": 0.5})
+                                lineage={"manifest_hash": "abc123", "scaling_factor": 0.5})
     monkeypatch.setenv("SD_DATA_ROOT", str(root))
     monkeypatch.setenv("SD_PROFILE", "tiny")
     return root, ckpt, comps, unet
 
 
 def test_load_for_sampling_uses_ema_by_default(ckpt_root):
-    from sd_core.checkpoint import save_checkpoint
+    from sd_core.training.checkpoint import CheckpointConfig, save_checkpoint
 
     root, ckpt, comps, unet = ckpt_root
     ema_sd = {k: v + 1.0 for k, v in unet.state_dict().items()}
-    ckpt2 = save_checkpoint(root / "checkpoints" / "run2", 30, unet_state=unet.state_dict(), ema_state=ema_sd,
-                            train_state={"step": 30}, unet_config=unet.config)
+    ckpt2 = save_checkpoint(root / "checkpoints" / "run2", CheckpointConfig(step=30, unet=unet.config),
+                            unet_state=unet.state_dict(), ema_state=ema_sd, train_state={"step": 30})
     b = load_for_sampling(ckpt2, data_root=root, device="cpu")
     assert b.ema and b.step == 30
     name, value = next(iter(ema_sd.items()))
@@ -138,7 +138,7 @@ def test_load_for_sampling_uses_ema_by_default(ckpt_root):
     assert torch.equal(live.unet.state_dict()[name], unet.state_dict()[name])
     # run directory → its latest checkpoint; the lineage in config.json comes along
     b1 = load_for_sampling(root / "checkpoints" / "run1", data_root=root, device="cpu")
-    assert b1.checkpoint == ckpt and b1.config["manifest_hash"] == "abc123" and b1.scaling_factor == 0.5
+    assert b1.checkpoint == ckpt and b1.config.manifest_hash == "abc123" and b1.scaling_factor == 0.5
 
 
 def test_generate_cli_writes_pngs(ckpt_root, tmp_path, capsys):
@@ -162,8 +162,8 @@ def test_generate_cli_writes_pngs(ckpt_root, tmp_path, capsys):
 
 
 def test_generate_cli_errors(ckpt_root, tmp_path, capsys):
-    from sd_core.checkpoint import save_checkpoint
     from sd_core.cli import main
+    from sd_core.training.checkpoint import CheckpointConfig, save_checkpoint
 
     root, ckpt, comps, unet = ckpt_root
     rc = main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "a red circle", "--device", "cpu"])
@@ -173,8 +173,8 @@ def test_generate_cli_errors(ckpt_root, tmp_path, capsys):
     sd = dict(unet.state_dict())
     key = "input_blocks.0.0.weight"
     sd[key] = torch.zeros(8, 4, 3, 3)
-    bad = save_checkpoint(root / "checkpoints" / "bad", 1, unet_state=sd, ema_state=sd, train_state={},
-                          unet_config=unet.config)
+    bad = save_checkpoint(root / "checkpoints" / "bad", CheckpointConfig(step=1, unet=unet.config),
+                          unet_state=sd, ema_state=sd, train_state={})
     rc = main(["generate", "--checkpoint", str(bad), "--prompt", "a red circle", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and key in err and "(8, 4, 3, 3)" in err and "expected (16, 4, 3, 3)" in err

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sampling_support import one_thread, save_components, save_tiny_checkpoint, tiny_unet
-from sd_core.adherence import adherence, dominant_colour, prompt_colour
+from sd_core.sampling.adherence import adherence, dominant_colour, prompt_colour
 
 
 # ------------------------------------------------------------------------------------------ adherence
@@ -81,7 +81,7 @@ def tiny_checkpoint(tmp_path):
     save_components(root)
     lineage = {"manifest_hash": "f00dfeed", "shards": ["00000", "00001"], "filter": {"min_aesthetic": 6.5},
                "source": {"kind": "synthetic"}, "scaling_factor": 0.5}
-    ckpt = save_tiny_checkpoint(root / "checkpoints" / "run-a", tiny_unet(seed=2), step=40, extra_config=lineage)
+    ckpt = save_tiny_checkpoint(root / "checkpoints" / "run-a", tiny_unet(seed=2), step=40, lineage=lineage)
     return root, ckpt
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_core.schedulers import DDIMScheduler, DDPMScheduler
+from sd_core.model.schedulers import DDIMScheduler, DDPMScheduler
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -142,7 +142,7 @@ def test_ddim_int_timestep_and_config_roundtrip():
 def test_no_diffusers_import_in_schedulers():
     import inspect
 
-    import sd_core.schedulers as mod
+    import sd_core.model.schedulers as mod
 
     src = inspect.getsource(mod)
     assert "import diffusers" not in src and "from diffusers" not in src

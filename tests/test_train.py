@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core import checkpoint as ck
-from sd_core import train
+from sd_core.training import checkpoint as ck
+from sd_core.training import trainer as train
 from sd_core.config import Profile
-from sd_core.lr_schedule import lr_factor
-from sd_core.train_data import split_indices
-from sd_core.metrics_log import read_metrics
+from sd_core.training.lr_schedule import lr_factor
+from sd_core.training.data_order import split_indices
+from sd_core.training.metrics_log import read_metrics
 from train_support import make_tiny_data, train_argv
 
 # a smaller UNet than the tiny profile's, so each test step costs a few tens of ms
@@ -92,7 +92,7 @@ def test_lr_schedule_warmup_then_cosine_to_one_percent():
 
 
 def test_validation_split_is_disjoint_deterministic_and_stable(profile):
-    from sd_core.latents import LatentDataset
+    from sd_core.encoding.latent_cache import LatentDataset
 
     both = LatentDataset(profile.latents_dir)
     tr, va = split_indices(both, 0.25)
@@ -124,7 +124,7 @@ def test_exact_resume_matches_an_uninterrupted_run(profile, tmp_path):
     state = ck.load_train_state(tmp_path / "resumed")
     assert state["step"] == 6 and state["data"]["consumed_micro_batches"] == 12
     result = json.loads((tmp_path / "resumed" / "result.json").read_text())
-    assert result["steps"] == 6 and result["manifest_hash"] == ck.read_config(tmp_path / "resumed")["manifest_hash"]
+    assert result["steps"] == 6 and result["manifest_hash"] == ck.read_config(tmp_path / "resumed").manifest_hash
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(profile, tmp_path, monkeypatch):

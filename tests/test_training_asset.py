@@ -14,12 +14,12 @@ import dagster as dg
 import pytest
 
 from sd_assets.assets.training import CHECK_NAME, unet_checkpoint
-from sd_core.launch import stop_trainer_processes, trainer_command, trainer_processes
+from sd_core.training.launch import stop_trainer_processes, trainer_command, trainer_processes
 from sd_assets.resources import SDConfig
-from sd_core.checkpoint import load_train_state, load_unet, read_config
+from sd_core.training.checkpoint import load_train_state, load_unet, read_config
 from sd_core.config import Profile
-from sd_core.latents import manifest_hash
-from sd_core.metrics_log import read_metrics
+from sd_core.encoding.latent_cache import manifest_hash
+from sd_core.training.metrics_log import read_metrics
 from train_support import make_tiny_data
 
 OVERRIDES = {
@@ -71,7 +71,7 @@ def test_two_process_training_through_pipes_materialises_the_checkpoint(profile)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in records if r["kind"] == "val"] == [0, 2, 4]
     cfg = read_config(out)
-    assert cfg["world_size"] == 2 and cfg["train"]["batch_size"] == 8
+    assert cfg.world_size == 2 and cfg.train["batch_size"] == 8
     assert len(load_train_state(out)["rng"]) == 2  # every rank's RNG streams, for an exact resume
     load_unet(out)
     assert trainer_processes(out.resolve()) == []

@@ -1,4 +1,4 @@
-"""sd_core.unet: shape and size of the model, gradient checkpointing, channels_last, and that it learns."""
+"""sd_core.model.unet: shape and size of the model, gradient checkpointing, channels_last, and that it learns."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sd_core.config import UNetConfig
-from sd_core.unet import UNetModel
+from sd_core.model.unet import UNetModel
 from tests.unet_support import inputs, one_thread, randomize_  # noqa: F401 (autouse fixture)
 
 SMALL = UNetConfig(ch=32, ch_mults=(1, 2), res_blks=1, attn_lvls=(2,), heads=2, ctx_dim=32)
@@ -142,13 +142,13 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 
 def test_unet_module_does_not_use_diffusers():
-    """diffusers is only the test oracle (sd_core.convert); the model itself stands alone."""
+    """diffusers is only the test oracle (sd_core.model.convert); the model itself stands alone."""
     import ast
     import inspect
 
-    import sd_core.unet
+    import sd_core.model.unet
 
-    tree = ast.parse(inspect.getsource(sd_core.unet))
+    tree = ast.parse(inspect.getsource(sd_core.model.unet))
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(name.split(".")[0] == "diffusers" for name in imported), imported

@@ -1,5 +1,5 @@
 """Fixtures for the trainer tests: the tiny profile's text components (tokenizer + small CLIPTextModel, built
-with `sd_core.components`' own builders, no VAE fitting) and a small synthetic latent cache with structure a
+with `sd_core.encoding.components`' own builders, no VAE fitting) and a small synthetic latent cache with structure a
 UNet can learn (each latent is a caption-dependent pattern plus a little noise)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ BACKGROUNDS = ["white", "black"]
 def build_text_components(profile: Profile) -> object:
     """Save a tiny tokenizer and text encoder to ``{components_dir}/{tokenizer,text_encoder}``; returns the
     tokenizer."""
-    from sd_core import components as C
+    from sd_core.encoding import components as C
     from sd_core.data.synthetic import vocabulary
 
     c = profile.components
@@ -36,8 +36,8 @@ def write_synthetic_latents(profile: Profile, tokenizer, shards: Sequence[str] =
                             per_shard: int = 48, latent_shape: tuple[int, int, int] = (4, 16, 16),
                             seed: int = 0) -> Path:
     """Write ``shards`` of ``per_shard`` latents each to ``profile.latents_dir`` (via `write_shard`)."""
-    from sd_core.components import tokenize
-    from sd_core.latents import write_shard
+    from sd_core.encoding.components import tokenize
+    from sd_core.encoding.latent_cache import write_shard
 
     rng = np.random.default_rng(seed)
     C, H, W = latent_shape

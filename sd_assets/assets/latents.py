@@ -1,12 +1,12 @@
 """Frozen components and the latent cache: ``frozen_components`` → ``latents[shard]``.
 
-Thin wiring over `sd_core.components` (load / build the VAE, text encoder, tokenizer), `sd_core.encode`
-(one shard tar → latents) and `sd_core.latents` (the cache). Every number comes from the selected
+Thin wiring over `sd_core.encoding.components` (load / build the VAE, text encoder, tokenizer), `sd_core.encoding.encode`
+(one shard tar → latents) and `sd_core.encoding.latent_cache` (the cache). Every number comes from the selected
 `sd_core.config.Profile` (the ``sd`` resource).
 
 Versions:
 
-- ``latents``' ``code_version`` = ``ENCODE_FORMAT`` + `sd_core.components.components_version` of the
+- ``latents``' ``code_version`` = ``ENCODE_FORMAT`` + `sd_core.encoding.components.components_version` of the
   profile this code location was loaded with (``SD_PROFILE``/``SD_DATA_ROOT``): the VAE / text encoder /
   tokenizer sources (tiny: the build settings), the encode resolution and ``max_length``. The scaling factor
   lives in the VAE's config, so it changes with the VAE source (tiny: with the build, below). Changing the
@@ -25,9 +25,9 @@ import dagster as dg
 
 from sd_assets.partitions import shards
 from sd_assets.resources import SDConfig
-from sd_core.components import describe_pretrained
+from sd_core.encoding.components import describe_pretrained
 from sd_core.config import Profile, get_profile
-from sd_core.encode import latents_code_version, tar_version
+from sd_core.encoding.encode import latents_code_version, tar_version
 
 STD_RANGE = (0.5, 1.5)  # what the latents' std check accepts (scaled latents should have std ≈ 1)
 TINY_PSNR_WARN_DB = 18.0  # frozen_components check: below this the tiny VAE hardly reconstructs the shapes
@@ -54,7 +54,7 @@ class FrozenComponentsConfig(dg.Config):
 )
 def frozen_components(context: dg.AssetExecutionContext, sd: SDConfig,
                       config: FrozenComponentsConfig) -> dg.MaterializeResult:
-    from sd_core.components import build_tiny_components, component_sources
+    from sd_core.encoding.components import build_tiny_components, component_sources
 
     p = sd.get()
     if not p.components.build_tiny:
@@ -124,8 +124,8 @@ def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
                     "Undecodable samples are skipped and counted.",
     )
     def latents(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
-        from sd_core.components import components_digest
-        from sd_core.encode import encode_shard, latent_stats
+        from sd_core.encoding.components import components_digest
+        from sd_core.encoding.encode import encode_shard, latent_stats
 
         p = sd.get()
         key = context.partition_key

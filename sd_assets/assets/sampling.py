@@ -10,7 +10,7 @@ Which checkpoint: the ``checkpoint_path`` (or ``checkpoint``) metadata of the la
 materialization when there is one, else the newest run under ``profile.checkpoints_dir`` (its ``latest``
 pointer).
 
-For the tiny profile the prompt-adherence score (``sd_core.adherence``) is reported, with a check that warns
+For the tiny profile the prompt-adherence score (``sd_core.sampling.adherence``) is reported, with a check that warns
 when it is at or below chance level.
 """
 
@@ -23,10 +23,9 @@ from typing import Any
 import dagster as dg
 
 from sd_assets.resources import SDConfig
-from sd_core.sample_grid import find_checkpoint, grid_is_valid, make_sample_grid
+from sd_core.training.checkpoint import CheckpointConfig
+from sd_core.sampling.grid import find_checkpoint, grid_is_valid, make_sample_grid
 
-LINEAGE_KEYS = ("manifest_hash", "shards", "shard_list", "filter", "filter_config", "source", "profile",
-                "text", "run_id", "latents_dir", "data_version", "latent_manifest")
 UPSTREAM = dg.AssetKey("unet_checkpoint")
 
 
@@ -55,21 +54,12 @@ def _png_b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _lineage_metadata(config: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in LINEAGE_KEYS:
-        if key not in config:
-            continue
-        value = config[key]
-        if isinstance(value, (dict, list)):
-            out[f"lineage/{key}"] = dg.MetadataValue.json(value)
-        elif isinstance(value, (int, float, str, bool)):
-            out[f"lineage/{key}"] = value
-    lineage = config.get("lineage")
-    if isinstance(lineage, dict):  # a trainer that nests it
-        for key, value in lineage.items():
-            out[f"lineage/{key}"] = dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
-    return out
+def _lineage_metadata(config: CheckpointConfig | None) -> dict[str, Any]:
+    """The checkpoint's recorded lineage as ``lineage/{key}`` metadata entries."""
+    if config is None:
+        return {}
+    return {f"lineage/{key}": dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
+            for key, value in config.lineage().items()}
 
 
 @dg.asset(

@@ -27,7 +27,7 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError  # not re-exported by `dagster` in 1.13
 
 from sd_assets.resources import SDConfig
-from sd_core.launch import rank_errors, stop_trainer_processes, trainer_command
+from sd_core.training.launch import rank_errors, stop_trainer_processes, trainer_command
 
 LATENTS = dg.AssetKey("latents")
 COMPONENTS = dg.AssetKey("frozen_components")
@@ -60,7 +60,7 @@ def _nproc(config: TrainAssetConfig, train_nproc: int | None) -> int:
 
 def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
     """Both weight sets of the checkpoint load into a UNet and hold only finite numbers."""
-    from sd_core.checkpoint import load_unet, nonfinite_tensors
+    from sd_core.training.checkpoint import load_unet, nonfinite_tensors
 
     if ckpt is None:
         return dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata={"error": "no checkpoint"})
@@ -93,8 +93,8 @@ def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
 def unet_checkpoint(context: dg.AssetExecutionContext, config: TrainAssetConfig, sd: SDConfig
                     ) -> dg.MaterializeResult:
     """The UNet trained on every encoded latent shard (torchrun + Dagster Pipes; see the module docs)."""
-    from sd_core.checkpoint import CheckpointError, read_config, resolve_checkpoint
-    from sd_core.metrics_log import loss_curve_markdown, read_metrics
+    from sd_core.training.checkpoint import CheckpointError, read_config, resolve_checkpoint
+    from sd_core.training.metrics_log import loss_curve_markdown, read_metrics
 
     profile = sd.get()
     data_root = profile.data_root.resolve()
@@ -140,13 +140,13 @@ def unet_checkpoint(context: dg.AssetExecutionContext, config: TrainAssetConfig,
     if ckpt is not None:
         cfg = read_config(ckpt)
         metadata["checkpoint_path"] = dg.MetadataValue.path(str(ckpt))
-        metadata["step"] = int(cfg.get("step", 0))
-        metadata["shards"] = dg.MetadataValue.json(cfg.get("shards", []))
-        metadata["num_shards"] = len(cfg.get("shards", []))
-        metadata["filter_config"] = dg.MetadataValue.json(cfg.get("filter", {}))
-        metadata["source"] = dg.MetadataValue.json(cfg.get("source", {}))
-        metadata["manifest_hash"] = str(cfg.get("manifest_hash", ""))
-        metadata["train_config"] = dg.MetadataValue.json(cfg.get("train", {}))
+        metadata["step"] = cfg.step
+        metadata["shards"] = dg.MetadataValue.json(list(cfg.shards))
+        metadata["num_shards"] = len(cfg.shards)
+        metadata["filter_config"] = dg.MetadataValue.json(cfg.filter)
+        metadata["source"] = dg.MetadataValue.json(cfg.source)
+        metadata["manifest_hash"] = cfg.manifest_hash
+        metadata["train_config"] = dg.MetadataValue.json(cfg.train)
     records = read_metrics(out)
     if records:
         metadata["loss_curve"] = dg.MetadataValue.md(loss_curve_markdown(records))

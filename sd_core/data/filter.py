@@ -36,7 +36,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sd_core.atomic import write_text_atomic
+from sd_core.atomic import write_parquet_atomic, write_text_atomic
 from sd_core.config import FilterConfig
 from sd_core.data.metadata import (
     CANONICAL,
@@ -271,7 +271,7 @@ def _run(con: duckdb.DuckDBPyConnection, files: list[FileColumns], out: Path, cf
         nonlocal next_id
         key = shard_key(next_id)
         table = pa.Table.from_batches(batches)
-        _atomic_parquet(table, out / f"{key}.parquet")
+        write_parquet_atomic(table, out / f"{key}.parquet", compression="zstd")
         written[key] = table.num_rows
         next_id += 1
 
@@ -295,15 +295,6 @@ def _run(con: duckdb.DuckDBPyConnection, files: list[FileColumns], out: Path, cf
         inputs=[str(fc.path) for fc in files],
         shard_rows=written,
     )
-
-
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_state(out: Path, cfg: FilterConfig, shard_size: int, report: FilterReport) -> None:

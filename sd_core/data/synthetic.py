@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from sd_core.atomic import write_parquet_atomic
 from sd_core.config import FilterConfig
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -324,7 +325,7 @@ def generate_synthetic(
     stored = {k: v for k, v in manifest.to_json().items() if k != "path"}  # same bytes wherever written
     meta = {b"sd_pipeline.synthetic": json.dumps(stored).encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    atomic_write_parquet(table, Path(out_path))
+    write_parquet_atomic(table, Path(out_path))
     return manifest
 
 
@@ -333,17 +334,6 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     md = pq.read_schema(path).metadata or {}
     raw = md.get(b"sd_pipeline.synthetic")
     return json.loads(raw) if raw else None
-
-
-def atomic_write_parquet(table: pa.Table, path: Path, **kwargs: Any) -> None:
-    """Write ``table`` to ``path`` via a temporary name in the same folder and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def served_by_synthetic_server(part: Path) -> bool:

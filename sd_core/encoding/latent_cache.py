@@ -321,6 +321,9 @@ class LatentDataset:
         if len(shapes) > 1:
             raise ValueError(f"latent shapes differ across shards: {sorted(shapes)} (mixed VAE/resolution?)")
         self.latent_shape: tuple[int, ...] = shapes.pop() if shapes else ()
+        scalings = {manifest[s].get("scaling_factor") for s in self.shards}
+        # the factor the latents were multiplied by (None when unrecorded or mixed): sampling divides by it
+        self.scaling_factor: float | None = scalings.pop() if len(scalings) == 1 else None
         self.manifest_hash = manifest_hash(self.cache_dir, names) if names else ""
         self._lat: dict[int, np.ndarray] = {}
         self._tok: dict[int, np.ndarray] = {}

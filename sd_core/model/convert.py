@@ -1,6 +1,6 @@
 """Weights in and out of our UNet: diffusers ``UNet2DConditionModel`` and original CompVis/``ldm`` checkpoints.
 
-Our module names are CompVis' (``sd_core.unet``), so a CompVis checkpoint is a prefix strip away and the
+Our module names are CompVis' (``sd_core.model.unet``), so a CompVis checkpoint is a prefix strip away and the
 diffusers mapping is diffusers' own ``convert_ldm_unet_checkpoint`` logic, written for any ``UNetConfig``:
 
     ours (= CompVis model.diffusion_model.*)       diffusers
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sd_core.config import UNetConfig
-from sd_core.unet import UNetModel
+from sd_core.model.unet import UNetModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import UNet2DConditionModel
@@ -269,7 +269,7 @@ def unet_config_from_diffusers(dconfig: Mapping[str, Any]) -> UNetConfig:
     depth = _single(dconfig.get("transformer_layers_per_block", 1), "transformer_layers_per_block", problems)
     ctx_dim = _single(dconfig["cross_attention_dim"], "cross_attention_dim", problems)
     if problems:
-        raise ValueError("diffusers UNet config not supported by sd_core.unet.UNetModel: " + "; ".join(problems))
+        raise ValueError("diffusers UNet config not supported by sd_core.model.unet.UNetModel: " + "; ".join(problems))
     return UNetConfig(
         in_ch=dconfig["in_channels"],
         out_ch=dconfig["out_channels"],

@@ -16,7 +16,7 @@ The ``tiny`` profile (``components.build_tiny``) first builds its components int
   (``<|startoftext|>`` / ``<|endoftext|>``, padding with ``<|endoftext|>`` like SD 1.x);
 - text encoder: a small ``CLIPTextModel`` (hidden = the UNet's ``ctx_dim``, seeded random weights, frozen as
   in the measured baseline of DESIGN.md section 4);
-- VAE: a small ``AutoencoderKL`` (64 px → 4×16×16) fitted on synthetic renders (`sd_core.vae_fit`), with the
+- VAE: a small ``AutoencoderKL`` (64 px → 4×16×16) fitted on synthetic renders (`sd_core.encoding.vae_fit`), with the
   config's ``scaling_factor`` set to 1 / (latent std) measured after fitting, as SD did.
 
 The build goes to a temporary directory next to the target and is renamed into place, so a killed build
@@ -30,8 +30,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from sd_core.atomic import atomic_dir
 from sd_core.config import Profile
 
 BUILD_FILE = "build.json"
@@ -199,7 +198,7 @@ def load_components(profile: Profile, device: str | torch.device = "cpu", dtype:
     if profile.components.build_tiny and not (profile.components_dir / BUILD_FILE).exists():
         raise FileNotFoundError(
             f"tiny components not built under {profile.components_dir}: materialise the `frozen_components` "
-            "asset first (or call sd_core.components.build_tiny_components)")
+            "asset first (or call sd_core.encoding.components.build_tiny_components)")
     dev = torch.device(device)
     vae = load_vae(src.vae, dev, dtype)
     te = load_text_encoder(src.text_encoder, dev, dtype) if text_encoder else None
@@ -295,7 +294,7 @@ def build_tiny_vae(channels: Sequence[int], layers_per_block: int, image_size: i
     torch.manual_seed(seed)
     vae = AutoencoderKL(**tiny_vae_config(channels, layers_per_block, image_size, norm_groups))
     # Start the posterior narrow (std e^-4 ≈ 0.02 instead of 1) so the sampled training latents are not mostly
-    # noise at the start; the KL term (weight 1e-6) barely moves it. See sd_core.vae_fit for what mattered.
+    # noise at the start; the KL term (weight 1e-6) barely moves it. See sd_core.encoding.vae_fit for what mattered.
     with torch.no_grad():
         lc = vae.config.latent_channels
         vae.quant_conv.bias[lc:] = -8.0
@@ -321,7 +320,7 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
     build info: settings, sources, parameter counts, VAE fit steps/seconds, reconstruction PSNR and colour
     fidelity on held-out renders, the measured scaling factor and a digest of the weights.
     """
-    from sd_core import vae_fit
+    from sd_core.encoding import vae_fit
 
     c = profile.components
     out = profile.components_dir
@@ -351,9 +350,7 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
     log(f"tiny VAE: {fit.steps} steps in {fit.seconds:.0f}s, PSNR {report.psnr:.2f} dB, colour accuracy "
         f"{report.colour_accuracy:.3f}, scaling factor {scaling:.4f}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tok.save_pretrained(tmp / "tokenizer")
         te.save_pretrained(tmp / "text_encoder")
         vae.save_pretrained(tmp / "vae")
@@ -374,22 +371,7 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
         }
         with open(tmp / BUILD_FILE, "w") as f:
             json.dump(info, f, indent=1, sort_keys=True)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` (rename away, rename in, delete old)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- pretrained sources

@@ -18,10 +18,10 @@ generators (``generator=[torch.Generator().manual_seed(s) for s in seeds]``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,8 +30,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sd_core.checkpoint import CheckpointError
-from sd_core.schedulers import DDIMScheduler
+from sd_core.config import DATA_ROOT_ENV, PROFILE_ENV, Profile, get_profile
+from sd_core.model.schedulers import DDIMScheduler
+from sd_core.training import checkpoint as ckpt_mod
+from sd_core.training.checkpoint import CheckpointConfig, CheckpointError
 
 __all__ = ["CheckpointError", "CompatibilityError", "SamplingBundle", "check_compatible", "encode_prompts",
            "generate", "generate_main", "image_grid", "load_for_sampling", "make_generators", "pick_device"]
@@ -122,11 +124,11 @@ def make_generators(seed: int | Sequence[int], n: int) -> list[torch.Generator]:
 @torch.no_grad()
 def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: Sequence[str], max_length: int | None = None,
                    device: torch.device | None = None) -> torch.Tensor:
-    """Text context for ``prompts``: the training stack's tokenization (``sd_core.components.tokenize``: BOS,
+    """Text context for ``prompts``: the training stack's tokenization (``sd_core.encoding.components.tokenize``: BOS,
     words, EOS, padded/truncated to ``max_length``, default the tokenizer's ``model_max_length``) and the text
-    encoder's last hidden state (``sd_core.components.encode_text``), which is what
+    encoder's last hidden state (``sd_core.encoding.components.encode_text``), which is what
     ``StableDiffusionPipeline.encode_prompt`` computes too."""
-    from sd_core.components import encode_text, tokenize
+    from sd_core.encoding.components import encode_text, tokenize
 
     max_length = int(max_length or tokenizer.model_max_length)
     ids = tokenize(tokenizer, list(prompts), max_length)
@@ -277,13 +279,13 @@ class SamplingBundle:
     checkpoint: Path
     step: int | None
     ema: bool
-    config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json (lineage included)
+    config: CheckpointConfig | None = None  # the checkpoint's config.json (lineage included); None: a bare file
     max_length: int | None = None
 
 
 def _expected_shape_report(weights: dict[str, torch.Tensor], unet_config: Any) -> str:
     """Which tensors differ in shape / are missing / unexpected, against a UNet built from ``unet_config``."""
-    from sd_core.unet import UNetModel
+    from sd_core.model.unet import UNetModel
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in UNetModel(unet_config).state_dict().items()}
@@ -301,43 +303,21 @@ def _expected_shape_report(weights: dict[str, torch.Tensor], unet_config: Any) -
     return "; ".join(parts)
 
 
-def _mismatch_report(ckpt_mod: Any, path: Path, use_ema: bool, fallback_config: Any) -> tuple[str, Path, Any]:
+def _mismatch_report(path: Path, use_ema: bool, fallback_config: Any) -> tuple[str, Path, Any]:
     """(shape report, weights file, UNet config) for a checkpoint whose weights did not load."""
     weights_file, ckpt_cfg = ckpt_mod.weights_path(path, use_ema)
     sd, meta = ckpt_mod.load_weights(weights_file)
-    if "sd_unet_config" in meta:
-        ucfg = ckpt_mod.unet_config_from_dict(json.loads(meta["sd_unet_config"]))
-    elif ckpt_cfg and "unet" in ckpt_cfg:
-        ucfg = ckpt_mod.unet_config_from_dict(ckpt_cfg["unet"])
-    else:
+    try:
+        ucfg = ckpt_mod.stored_unet_config(weights_file, meta, ckpt_cfg)
+    except ckpt_mod.MissingUNetConfigError:
         ucfg = fallback_config
     return _expected_shape_report(sd, ucfg), weights_file, ucfg
 
 
-def _max_length_from_config(cfg: dict[str, Any]) -> int | None:
-    """The token length the UNet was trained with (the trainer records ``text.max_length``)."""
-    text = cfg.get("text")
-    value = text.get("max_length") if isinstance(text, dict) else None
-    return int(value) if isinstance(value, int) else None
-
-
-def _scaling_from_config(cfg: dict[str, Any]) -> float | None:
-    for key in ("scaling_factor", "vae_scaling_factor", "latent_scaling_factor"):
-        if isinstance(cfg.get(key), (int, float)):
-            return float(cfg[key])
-    for section in ("latents", "vae", "components", "lineage"):
-        sub = cfg.get(section)
-        if isinstance(sub, dict):
-            found = _scaling_from_config(sub)
-            if found is not None:
-                return found
-    return None
-
-
 def _load_components(profile: Any, device: torch.device) -> tuple[Any, Any, Any]:
-    """(text_encoder, tokenizer, vae) of a profile via ``sd_core.components.load_components``; a missing tiny
+    """(text_encoder, tokenizer, vae) of a profile via ``sd_core.encoding.components.load_components``; a missing tiny
     build becomes a :class:`CompatibilityError` that says what to run."""
-    from sd_core.components import load_components
+    from sd_core.encoding.components import load_components
 
     try:
         comps = load_components(profile, device=device)
@@ -346,6 +326,47 @@ def _load_components(profile: Any, device: torch.device) -> tuple[Any, Any, Any]
     except OSError as exc:  # from_pretrained on a missing local dir / unreachable hub id
         raise CompatibilityError(f"profile {profile.name!r}: cannot load its components ({exc})") from exc
     return comps.text_encoder, comps.tokenizer, comps.vae
+
+
+def _checkpoint_record(path: Path) -> tuple[Path, CheckpointConfig | None]:
+    """(checkpoint directory, its config.json record) of a checkpoint, run directory or weights file; a bare
+    ``.safetensors`` file is its own "directory" and has the record beside it, if any."""
+    if path.is_file() and path.suffix == ".safetensors":
+        beside = path.parent / ckpt_mod.CONFIG_FILE
+        return path, (ckpt_mod.read_config_file(beside) if beside.exists() else None)
+    ckpt_dir = ckpt_mod.resolve_checkpoint(path)
+    return ckpt_dir, ckpt_mod.read_config(ckpt_dir)
+
+
+def _sampling_profile(profile: Any, data_root: str | Path | None, record: CheckpointConfig | None) -> Profile:
+    """The profile to sample with: an explicit one, else ``$SD_PROFILE``, else the one the checkpoint was trained
+    with; its data root: explicit, else ``$SD_DATA_ROOT``, else the one whose components the trainer recorded
+    (when that folder still exists), else ``./data``."""
+    if isinstance(profile, Profile):
+        return profile
+    if profile is None and not os.environ.get(PROFILE_ENV) and record is not None:
+        profile = record.profile
+    if data_root is None and not os.environ.get(DATA_ROOT_ENV) and record is not None and record.text is not None:
+        comp = Path(record.text.components) if record.text.components else None
+        if comp is not None and comp.name == "components" and comp.is_dir():
+            data_root = comp.parent
+    return get_profile(profile, data_root)
+
+
+def _load_unet_for(path: Path, profile: Profile, use_ema: bool, device: torch.device,
+                   dtype: torch.dtype | None) -> Any:
+    """The checkpoint's UNet; a weights file without a config is read with the profile's UNet config, and
+    weights that do not fit their config are refused with a report of the tensors that differ."""
+    try:
+        try:
+            return ckpt_mod.load_unet(path, ema=use_ema, device=device, dtype=dtype)
+        except ckpt_mod.MissingUNetConfigError:
+            return ckpt_mod.load_unet(path, ema=use_ema, device=device, dtype=dtype, config=profile.unet)
+    except (CheckpointError, RuntimeError) as exc:
+        report, weights_file, ucfg = _mismatch_report(path, use_ema, profile.unet)
+        if not report:
+            raise
+        raise CheckpointError(f"checkpoint {weights_file} does not match its UNet config {ucfg}: {report}") from exc
 
 
 def load_for_sampling(
@@ -365,63 +386,33 @@ def load_for_sampling(
     else ``./data``. So ``sd generate --checkpoint RUN_DIR`` works without further flags on the machine that
     trained it.
     """
-    import os
-
-    from sd_core import checkpoint as ckpt_mod
-    from sd_core.config import DATA_ROOT_ENV, PROFILE_ENV, Profile, get_profile
-
     dev = pick_device(str(device) if device is not None else None)
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    bare_file = path.is_file() and path.suffix == ".safetensors"
-    ckpt_dir = path if bare_file else ckpt_mod.resolve_checkpoint(path)
-    if bare_file:  # a weights file: its own weights, and the config.json beside it when there is one
-        side = path.parent / ckpt_mod.CONFIG_FILE
-        cfg = json.loads(side.read_text()) if side.exists() else {}
-    else:
-        cfg = ckpt_mod.read_config(ckpt_dir)
-    if not isinstance(profile, Profile):
-        if profile is None and not os.environ.get(PROFILE_ENV) and isinstance(cfg.get("profile"), str):
-            profile = cfg["profile"]
-        if data_root is None and not os.environ.get(DATA_ROOT_ENV):
-            text = cfg.get("text") if isinstance(cfg.get("text"), dict) else {}
-            comp = Path(str(text.get("components", ""))) if text.get("components") else None
-            if comp is not None and comp.name == "components" and comp.is_dir():
-                data_root = comp.parent
-        profile = get_profile(profile, data_root)
-    try:
-        try:
-            unet = ckpt_mod.load_unet(path, ema=use_ema, device=dev, dtype=dtype)
-        except CheckpointError as exc:
-            if "carries no UNet config" not in str(exc):
-                raise
-            unet = ckpt_mod.load_unet(path, ema=use_ema, device=dev, dtype=dtype, config=profile.unet)
-    except (CheckpointError, RuntimeError) as exc:
-        report, weights_file, ucfg = _mismatch_report(ckpt_mod, path, use_ema, profile.unet)
-        if not report:
-            raise
-        raise CheckpointError(f"checkpoint {weights_file} does not match its UNet config {ucfg}: {report}") from exc
+    ckpt_dir, record = _checkpoint_record(path)
+    profile = _sampling_profile(profile, data_root, record)
+    unet = _load_unet_for(path, profile, use_ema, dev, dtype)
     te, tok, vae = _load_components(profile, dev)
     try:
         check_compatible(unet, te, vae, tok)
     except CompatibilityError as exc:
-        trained = cfg.get("profile")
-        hint = f"; the checkpoint was trained with profile {trained!r}" if isinstance(trained, str) else ""
+        hint = f"; the checkpoint was trained with profile {record.profile!r}" if record and record.profile else ""
         raise CompatibilityError(
             f"checkpoint {ckpt_dir} does not fit profile {profile.name!r}'s components: {exc} (checkpoint UNet: "
             f"ctx_dim={unet.config.ctx_dim}, in_ch={unet.config.in_ch}; profile UNet: ctx_dim={profile.unet.ctx_dim}, "
             f"in_ch={profile.unet.in_ch}){hint}. Pass --profile/--data-root of the run that trained it."
         ) from exc
-    scaling = _scaling_from_config(cfg) or float(vae.config.scaling_factor)
-    step = cfg.get("step") if isinstance(cfg.get("step"), int) else None
-    if bare_file:
+    if ckpt_dir == path and path.is_file():  # a bare weights file
         ema_used = path.name == ckpt_mod.EMA_FILE
     else:
         ema_used = use_ema and (ckpt_dir / ckpt_mod.EMA_FILE).exists()
-    return SamplingBundle(unet=unet, text_encoder=te, tokenizer=tok, vae=vae, scaling_factor=scaling,
-                          checkpoint=ckpt_dir, step=step, ema=bool(ema_used), config=cfg,
-                          max_length=_max_length_from_config(cfg) or profile.components.max_length)
+    trained_length = record.text.max_length if record is not None and record.text is not None else None
+    return SamplingBundle(
+        unet=unet, text_encoder=te, tokenizer=tok, vae=vae,
+        scaling_factor=(record.scaling_factor if record else None) or float(vae.config.scaling_factor),
+        checkpoint=ckpt_dir, step=record.step if record else None, ema=bool(ema_used), config=record,
+        max_length=trained_length or profile.components.max_length)
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -492,8 +483,6 @@ def generate_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, CompatibilityError) as exc:
         print(f"sd generate: {exc}", file=sys.stderr)
         return 2
-    from sd_core.config import get_profile
-
     sample_cfg = get_profile(args.profile, args.data_root).sample
     expanded = [p for p in prompts for _ in range(args.num_images)]
     images = generate(

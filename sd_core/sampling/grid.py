@@ -3,7 +3,7 @@
 Why fixed prompts and seeds: two grids of two checkpoints are then directly comparable (row r is prompt r,
 column c uses seed ``seeds[c]``). The grid is written to ``samples/{run}/grid.png`` plus a
 ``grid_step_XXXXXXXX.png`` copy per checkpoint step, so earlier grids of a run stay around. For the tiny
-profile the prompt-adherence score (`sd_core.adherence`) comes with it.
+profile the prompt-adherence score (`sd_core.sampling.adherence`) comes with it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from sd_core.adherence import AdherenceResult, adherence
+from sd_core.sampling.adherence import AdherenceResult, adherence
 from sd_core.atomic import temp_sibling
-from sd_core.checkpoint import CheckpointError, latest_checkpoint
+from sd_core.training.checkpoint import CheckpointConfig, CheckpointError, latest_checkpoint
 from sd_core.config import Profile
 
 
@@ -35,7 +35,7 @@ class SampleGrid:
     ema: bool
     run: str
     seconds: float
-    checkpoint_config: dict[str, Any]  # the trainer's config.json: lineage (manifest hash, shards, filter, source)
+    checkpoint_config: CheckpointConfig | None  # the trainer's config.json: lineage (manifest hash, shards, ...)
     adherence: AdherenceResult | None  # tiny profile only
 
 
@@ -85,7 +85,7 @@ def grid_is_valid(path: Path, size: tuple[int, int]) -> bool:
 def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -> SampleGrid:
     """Render ``profile.sample``'s prompts × seeds from ``checkpoint``'s EMA weights (DDIM + CFG) and write
     the grid under ``profile.samples_dir``."""
-    from sd_core.sample import generate, image_grid, load_for_sampling, pick_device, resolve_dtype
+    from sd_core.sampling.generate import generate, image_grid, load_for_sampling, pick_device, resolve_dtype
 
     cfg = profile.sample
     t0 = time.perf_counter()
@@ -113,6 +113,6 @@ def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -
     return SampleGrid(
         grid=grid, grid_path=grid_path, images=images, prompts=all_prompts, seeds=all_seeds,
         checkpoint=bundle.checkpoint, step=bundle.step, ema=bundle.ema, run=run, seconds=seconds,
-        checkpoint_config=dict(bundle.config or {}),
+        checkpoint_config=bundle.config,
         adherence=adherence(images, all_prompts) if profile.name == "tiny" else None,
     )

@@ -3,9 +3,9 @@
     sd export-diffusers --checkpoint data/checkpoints/<run>/<step> --out exported/
     python -c "from diffusers import StableDiffusionPipeline as P; P.from_pretrained('exported/')"
 
-The folder holds our UNet converted with :func:`sd_core.convert.to_diffusers` (EMA weights by default), the
+The folder holds our UNet converted with :func:`sd_core.model.convert.to_diffusers` (EMA weights by default), the
 profile's VAE (its ``scaling_factor`` set to the one the latents were trained with), text encoder and
-tokenizer, and a ``DDIMScheduler`` configured exactly as :class:`sd_core.schedulers.DDIMScheduler` (SD 1.x:
+tokenizer, and a ``DDIMScheduler`` configured exactly as :class:`sd_core.model.schedulers.DDIMScheduler` (SD 1.x:
 scaled-linear betas 0.00085 → 0.012, ``leading`` spacing, ``steps_offset=1``, ``set_alpha_to_one=False``).
 No safety checker is written (``requires_safety_checker=False``), so ``from_pretrained(DIR)`` needs no extra
 arguments.
@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from sd_core.schedulers import DDIMScheduler
+from sd_core.atomic import atomic_dir
+from sd_core.model.schedulers import DDIMScheduler
 
 
 def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scaling_factor: float | None = None,
@@ -34,8 +33,8 @@ def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scali
     from diffusers import DDIMScheduler as DiffusersDDIM
     from diffusers import StableDiffusionPipeline
 
-    from sd_core.convert import to_diffusers
-    from sd_core.sample import check_compatible
+    from sd_core.model.convert import to_diffusers
+    from sd_core.sampling.generate import check_compatible
 
     check_compatible(unet, text_encoder, vae, tokenizer)
     if scaling_factor is not None and float(vae.config.scaling_factor) != float(scaling_factor):
@@ -63,20 +62,8 @@ def export_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, out_
     an existing ``out_dir`` is replaced). Returns the path."""
     out = Path(out_dir)
     pipe = build_pipeline(unet, text_encoder, tokenizer, vae, scaling_factor, max_length)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=safe_serialization)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -88,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or file (see `sd generate --help`)")
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    from sd_core.sample import CompatibilityError, CheckpointError, add_component_arguments, load_for_sampling
+    from sd_core.sampling.generate import CompatibilityError, CheckpointError, add_component_arguments, load_for_sampling
 
     add_component_arguments(parser)
     args = parser.parse_args(argv)

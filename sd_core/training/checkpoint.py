@@ -6,7 +6,7 @@ Layout of one training run's output directory (``--output-dir``, by default
     step_00000500/
         unet.safetensors    the live UNet weights (no ``module.`` / ``_orig_mod.`` prefixes)
         ema.safetensors     the EMA shadow weights (float32), same keys
-        config.json         {"format", "step", "unet": UNetConfig fields, "text": {...}, "manifest_hash", ...}
+        config.json         a `CheckpointConfig` record: step, UNet config, what it was trained on (lineage)
         state.pt            optimiser, LR schedule, step, RNG states of every rank, data position, EMA counters
                             (plain tensors / dicts / lists / numbers only: loaded with ``weights_only=True``)
     step_00001000/ ...
@@ -24,9 +24,12 @@ save. ``keep_last`` prunes older checkpoints after the pointer moved (never the 
 Loading never unpickles arbitrary objects: weights come from safetensors and ``state.pt`` goes through
 ``torch.load(weights_only=True)``.
 
+``config.json`` is one typed record, :class:`CheckpointConfig`: the trainer writes it (:func:`save_checkpoint`),
+sampling, export and the Dagster assets read it (:func:`read_config`); nothing reads a key it does not define.
+
 Public entry points used elsewhere: :func:`load_unet` (sampling, export, the asset check),
-:func:`resolve_checkpoint`, :func:`save_checkpoint` / :func:`load_train_state` (the trainer),
-:func:`strip_prefixes`, :func:`nonfinite_tensors`.
+:func:`resolve_checkpoint`, :func:`read_config`, :func:`save_checkpoint` / :func:`load_train_state` (the
+trainer), :func:`strip_prefixes`, :func:`nonfinite_tensors`.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from sd_core.atomic import fsync_dir, write_text_atomic
+from sd_core.atomic import atomic_dir, remove_dir, write_json_atomic, write_text_atomic
+from sd_core.config import UNetConfig
 
 FORMAT = 1
 UNET_FILE = "unet.safetensors"
@@ -54,7 +59,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _META_KEY = "sd_unet_config"
 
 __all__ = [
+    "CheckpointConfig",
     "CheckpointError",
+    "MissingUNetConfigError",
+    "TextConditioning",
     "checkpoint_step",
     "latest_checkpoint",
     "list_checkpoints",
@@ -63,10 +71,12 @@ __all__ = [
     "load_weights",
     "nonfinite_tensors",
     "read_config",
+    "read_config_file",
     "resolve_checkpoint",
     "save_checkpoint",
     "save_weights",
     "step_dir_name",
+    "stored_unet_config",
     "strip_prefixes",
     "unet_config_from_dict",
 ]
@@ -74,6 +84,82 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+class MissingUNetConfigError(CheckpointError):
+    """A weights file that carries no UNet config (no header metadata, no ``config.json`` beside it): the caller
+    must say which ``UNetConfig`` it holds."""
+
+    def __init__(self, weights: Path):
+        super().__init__(f"{weights} carries no UNet config; pass config=UNetConfig(...)")
+        self.weights = weights
+
+
+# ------------------------------------------------------------------------------------------- the record
+@dataclass(frozen=True)
+class TextConditioning:
+    """The text side the UNet was trained with: token length, context width, where the components were."""
+
+    max_length: int
+    hidden_size: int
+    components: str
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """A checkpoint's ``config.json``: which UNet it holds, at which step, and what it was trained on.
+
+    Why the lineage lives here too (profile sections, shards, manifest hash): Dagster stops tracking staleness
+    past 100 upstream partitions, and a checkpoint copied to another machine should still say where it came
+    from. ``train``, ``filter`` and ``source`` are the profile's sections as plain JSON, as they were when the
+    run trained, so a checkpoint stays readable when those config classes grow new fields.
+    """
+
+    step: int
+    unet: UNetConfig
+    profile: str | None = None
+    run_id: str | None = None
+    world_size: int = 1
+    manifest_hash: str = ""
+    shards: tuple[str, ...] = ()
+    latents_dir: str | None = None
+    scaling_factor: float | None = None  # of the latents it trained on (None: the VAE's own)
+    text: TextConditioning | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    filter: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    saved_at: float | None = None
+    format: int = FORMAT
+
+    def lineage(self) -> dict[str, Any]:
+        """What the checkpoint was trained on, as JSON values: the part of the record the assets show."""
+        text = dataclasses.asdict(self.text) if self.text is not None else None
+        values = {"profile": self.profile, "run_id": self.run_id, "manifest_hash": self.manifest_hash,
+                  "shards": list(self.shards), "filter": self.filter, "source": self.source,
+                  "latents_dir": self.latents_dir, "text": text}
+        return {k: v for k, v in values.items() if v not in (None, "", [], {})}
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["unet"] = _config_dict(self.unet)
+        d["shards"] = list(self.shards)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], source: str = "config.json") -> "CheckpointConfig":
+        """The record from its JSON form; a key this record does not define is an error naming ``source``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown checkpoint config keys {unknown}")
+        if "step" not in d or "unet" not in d:
+            raise CheckpointError(f"{source}: not a checkpoint config (needs 'step' and 'unet')")
+        values = dict(d)
+        values["unet"] = unet_config_from_dict(d["unet"])
+        values["shards"] = tuple(d.get("shards") or ())
+        if d.get("text") is not None:
+            values["text"] = TextConditioning(**d["text"])
+        return cls(**values)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -92,7 +178,7 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int:
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Remove DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) wrapper prefixes, in any nesting;
     two keys that collapse to one name are an error (they would silently overwrite each other)."""
-    from sd_core.convert import strip_wrapper_prefixes
+    from sd_core.model.convert import strip_wrapper_prefixes
 
     out = strip_wrapper_prefixes(state_dict)
     if len(out) != len(state_dict):
@@ -111,10 +197,8 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return dict(config)
 
 
-def unet_config_from_dict(d: Mapping[str, Any]):
+def unet_config_from_dict(d: Mapping[str, Any]) -> UNetConfig:
     """A ``UNetConfig`` from its JSON form (lists back to tuples; unknown keys are an error)."""
-    from sd_core.config import UNetConfig
-
     names = {f.name for f in dataclasses.fields(UNetConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -190,68 +274,58 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return ckpt
 
 
-def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of a checkpoint (directory, run directory or file inside one)."""
+def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
+    """The ``config.json`` record of a checkpoint (directory, run directory or file inside one)."""
     ckpt = resolve_checkpoint(path)
-    with open(ckpt / CONFIG_FILE) as f:
-        return json.load(f)
+    return read_config_file(ckpt / CONFIG_FILE)
+
+
+def read_config_file(config_file: Path) -> CheckpointConfig:
+    try:
+        d = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_file}: unreadable checkpoint config ({exc})") from exc
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    return CheckpointConfig.from_json(d, str(config_file))
 
 
 # --------------------------------------------------------------------------------------------- save
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
-    step: int,
+    config: CheckpointConfig,
     *,
     unet_state: Mapping[str, torch.Tensor],
     ema_state: Mapping[str, torch.Tensor] | None,
     train_state: Mapping[str, Any],
-    unet_config: Any,
-    extra_config: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``{run_dir}/step_XXXXXXXX`` atomically, point ``latest`` at it, prune to ``keep_last``.
+    """Write ``{run_dir}/step_XXXXXXXX`` (the step of ``config``) atomically, point ``latest`` at it, prune to
+    ``keep_last``. Returns the checkpoint directory.
 
     ``train_state`` must hold only what ``torch.load(weights_only=True)`` accepts (tensors, dicts, lists,
-    tuples, str, numbers, None). ``extra_config`` is merged into ``config.json`` (manifest hash, text encoder,
-    profile name, ...). Returns the checkpoint directory.
+    tuples, str, numbers, None).
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     for stale in run.glob(".tmp-step_*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
-
-    name = step_dir_name(step)
-    final = run / name
-    tmp = run / f".tmp-{name}-{os.getpid()}"
-    ucfg = _config_dict(unet_config)
-    config = {"format": FORMAT, "step": int(step), "unet": ucfg, "saved_at": time.time(),
-              **dict(extra_config or {})}
-    meta = {_META_KEY: json.dumps(ucfg), "format": "sd-pipeline", "step": str(int(step))}
-    tmp.mkdir()
-    try:
+    config = dataclasses.replace(config, saved_at=time.time())
+    ucfg = _config_dict(config.unet)
+    meta = {_META_KEY: json.dumps(ucfg), "format": "sd-pipeline", "step": str(int(config.step))}
+    name = step_dir_name(config.step)
+    # re-saving a step (a resumed run passing an older run's checkpoint) swaps the old one out
+    with atomic_dir(run / name) as tmp:
         save_weights(tmp / UNET_FILE, unet_state, meta)
         if ema_state is not None:
             save_weights(tmp / EMA_FILE, ema_state, meta)
-        state_tmp = tmp / STATE_FILE
-        torch.save(dict(train_state), state_tmp)
-        _fsync_file(state_tmp)
-        write_text_atomic(tmp / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
-        fsync_dir(tmp)
-        if final.exists():  # re-saving a step (a resumed run passing an older run's checkpoint): swap it out
-            old = run / f".tmp-old-{name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(run)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        torch.save(dict(train_state), tmp / STATE_FILE)
+        _fsync_file(tmp / STATE_FILE)
+        write_json_atomic(tmp / CONFIG_FILE, config.to_json())
     write_text_atomic(run / LATEST, name + "\n")
     if keep_last is not None and keep_last > 0:
         prune_checkpoints(run, keep_last)
-    return final
+    return run / name
 
 
 def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
@@ -263,10 +337,7 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int) -> list[P
     for p in ckpts[:-keep_last] if keep_last > 0 else []:
         if current is not None and p.resolve() == current.resolve():
             continue
-        # rename first so a half-deleted directory is never mistaken for a checkpoint
-        doomed = run / f".tmp-del-{p.name}-{os.getpid()}"
-        os.rename(p, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_dir(p)
         removed.append(p)
     return removed
 
@@ -281,13 +352,13 @@ def load_train_state(path: str | os.PathLike[str], map_location: str | torch.dev
     return torch.load(state_path, map_location=map_location, weights_only=True)
 
 
-def weights_path(path: Path, ema: bool) -> tuple[Path, dict[str, Any] | None]:
-    """The safetensors file to load and, when it sits in a checkpoint directory, its config.json."""
+def weights_path(path: Path, ema: bool) -> tuple[Path, CheckpointConfig | None]:
+    """The safetensors file to load and, when it sits in a checkpoint directory, its config.json record."""
     if path.is_file() and path.suffix == ".safetensors":
         cfg_file = path.parent / CONFIG_FILE
-        return path, (json.loads(cfg_file.read_text()) if cfg_file.exists() else None)
+        return path, (read_config_file(cfg_file) if cfg_file.exists() else None)
     ckpt = resolve_checkpoint(path)
-    config = json.loads((ckpt / CONFIG_FILE).read_text())
+    config = read_config_file(ckpt / CONFIG_FILE)
     wanted = ckpt / (EMA_FILE if ema else UNET_FILE)
     if not wanted.exists():
         if ema and (ckpt / UNET_FILE).exists():
@@ -297,15 +368,25 @@ def weights_path(path: Path, ema: bool) -> tuple[Path, dict[str, Any] | None]:
     return wanted, config
 
 
+def stored_unet_config(weights: Path, meta: Mapping[str, str], ckpt_config: CheckpointConfig | None) -> UNetConfig:
+    """The UNet config a weights file carries: its safetensors header first, else the ``config.json`` beside it;
+    :class:`MissingUNetConfigError` when it has neither."""
+    if _META_KEY in meta:
+        return unet_config_from_dict(json.loads(meta[_META_KEY]))
+    if ckpt_config is not None:
+        return ckpt_config.unet
+    raise MissingUNetConfigError(weights)
+
+
 def load_unet(
     path: str | os.PathLike[str],
     *,
     ema: bool = True,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    config: Any = None,
+    config: UNetConfig | None = None,
     use_ema: bool | None = None,
-):
+) -> Any:
     """A ``UNetModel`` (eval mode) with a checkpoint's weights.
 
     ``path``: a checkpoint directory, a run directory (its ``latest`` checkpoint) or a ``.safetensors`` file
@@ -314,7 +395,7 @@ def load_unet(
     ``config``: a ``UNetConfig`` for files that do not carry one. ``use_ema``: an alias of ``ema``.
     The checkpoint's ``config.json`` (step, lineage) is :func:`read_config`.
     """
-    from sd_core.unet import UNetModel
+    from sd_core.model.unet import UNetModel
 
     if use_ema is not None:
         ema = use_ema
@@ -322,12 +403,7 @@ def load_unet(
     weights, ckpt_config = weights_path(Path(path), ema)
     sd, meta = load_weights(weights)
     if config is None:
-        if _META_KEY in meta:
-            config = unet_config_from_dict(json.loads(meta[_META_KEY]))
-        elif ckpt_config is not None and "unet" in ckpt_config:
-            config = unet_config_from_dict(ckpt_config["unet"])
-        else:
-            raise CheckpointError(f"{weights} carries no UNet config; pass config=UNetConfig(...)")
+        config = stored_unet_config(weights, meta, ckpt_config)
     model = UNetModel(config)
     expected = model.state_dict()
     wrong = sorted(k for k in sd.keys() & expected.keys() if tuple(sd[k].shape) != tuple(expected[k].shape))

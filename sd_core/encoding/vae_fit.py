@@ -14,7 +14,7 @@ Levers, measured on 2 shared CPU cores (1 thread, (16, 32, 32) channels, batch 1
   it: backgrounds came back grey (background accuracy 0.29-0.31, 8.5-8.8 dB after 40-150 steps). One
   group keeps the channels' relative levels: after 80 steps 15.5 dB, background accuracy 0.97, shape colour accuracy 1.0
   (4 groups: 14.5 dB, shape colour 0.61).
-- A narrow initial posterior (`sd_core.components.build_tiny_vae` sets the log-variance bias to -8), so
+- A narrow initial posterior (`sd_core.encoding.components.build_tiny_vae` sets the log-variance bias to -8), so
   the sampled training latents are not mostly noise at the start (with 32 groups it made no measurable
   difference after 40 steps, 9.7 vs 9.4 dB: the normalisation was the real cause).
 - The loss adds weight on shape pixels (the shape is a small part of each image, so plain MSE is

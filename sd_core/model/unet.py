@@ -3,7 +3,7 @@
     eps = UNetModel(config)(x, t, ctx)      # x: (B, in_ch, H, W) latents, t: (B,) timesteps, ctx: (B, L, ctx_dim)
 
 Layout and module names follow CompVis ``ldm/modules/diffusionmodules/openaimodel.py`` so that an original
-checkpoint's ``model.diffusion_model.*`` weights load after stripping that prefix (see ``sd_core.convert``):
+checkpoint's ``model.diffusion_model.*`` weights load after stripping that prefix (see ``sd_core.model.convert``):
 
     time_embed        Linear(ch, 4ch) -> SiLU -> Linear(4ch, 4ch), fed sinusoidal features [cos, sin] of t
     input_blocks      conv_in, then per level `res_blks` x [ResBlock (+ SpatialTransformer)], then Downsample
@@ -17,7 +17,7 @@ SpatialTransformer is GroupNorm -> 1x1 conv -> [self-attention, cross-attention 
 feed-forward] -> 1x1 conv (zero-initialised), as a residual. The last layer of every residual branch is
 zero-initialised, so a fresh model is an identity on every block and predicts eps = 0.
 
-No diffusers import here: diffusers is only the test oracle (``sd_core.convert``).
+No diffusers import here: diffusers is only the test oracle (``sd_core.model.convert``).
 """
 
 from __future__ import annotations

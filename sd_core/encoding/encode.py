@@ -10,7 +10,7 @@ Pipeline of `encode_shard`:
 2. *Encode* in batches through the frozen VAE (bf16 autocast on CUDA), taking the posterior **mean**
    × scaling factor: deterministic, so re-encoding the same shard with the same VAE gives the same cache
    (SD samples the posterior; for a VAE trained with KL weight 1e-6 its std is negligible).
-3. *Tokenize* the captions (``max_length``, padded) and `sd_core.latents.write_shard` the result (atomic).
+3. *Tokenize* the captions (``max_length``, padded) and `sd_core.encoding.latent_cache.write_shard` the result (atomic).
 
 Several GPUs: one encoder process per GPU (``spawn``), each with ``CUDA_VISIBLE_DEVICES`` set to its GPU
 before CUDA initialises, each taking every G-th sample (with its own decode workers); the parent merges the
@@ -131,7 +131,7 @@ def _default_device() -> torch.device:
 
 def _encode_part(tar_path: str, profile: Profile, rank: int, world: int, device: torch.device,
                  components=None, progress: ProgressFn | None = None, shard: str = "") -> _Part:
-    from sd_core.components import load_components
+    from sd_core.encoding.components import load_components
 
     enc = profile.encode
     comps = components or load_components(profile, device=device, text_encoder=False)
@@ -269,8 +269,8 @@ def encode_shard(
     it), one on CPU. Setting it > 1 on CPU runs that many CPU encoder processes (used by tests to exercise
     the multi-process path). ``code_version`` and ``extra`` go into the manifest entry.
     """
-    from sd_core.components import component_sources, load_tokenizer, tokenize
-    from sd_core.latents import write_shard
+    from sd_core.encoding.components import component_sources, load_tokenizer, tokenize
+    from sd_core.encoding.latent_cache import write_shard
 
     tar_path = str(tar_path)
     if not Path(tar_path).exists():
@@ -358,7 +358,7 @@ def _vae_config(vae_source: str) -> dict[str, Any]:
 
 def latent_stats(cache_dir: str | os.PathLike[str], shard: str, chunk: int = 1024) -> dict[str, float]:
     """Mean, std and non-finite count of one cached shard, read in chunks from the memory map."""
-    from sd_core.latents import shard_paths
+    from sd_core.encoding.latent_cache import shard_paths
 
     arr = np.load(shard_paths(cache_dir, shard).latents, mmap_mode="r")
     n = s = ss = 0.0
@@ -383,7 +383,7 @@ ENCODE_FORMAT = "e1"  # bump when encoding itself changes (preprocessing, poster
 def latents_code_version(profile: Profile) -> str:
     """The version of a shard's latents under ``profile``: the encode format plus the components' version
     (VAE / text encoder / tokenizer sources, resolution, max_length), so a VAE change makes every shard stale."""
-    from sd_core.components import components_version
+    from sd_core.encoding.components import components_version
 
     return f"{ENCODE_FORMAT}-{components_version(profile)}"
 
