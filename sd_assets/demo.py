@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # dagster is imported lazily: --init-home stays fast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFS_MODULE = "sd_assets.definitions"
-SHARDS = "shards"
 
 DAGSTER_YAML = """\
 # Dagster instance for sd-pipeline (written by `python -m sd_assets.demo`; edit freely, it is not rewritten).
@@ -262,6 +261,8 @@ class Demo:
 
         import dagster as dg
 
+        from sd_assets.partitions import shards
+
         defs = importlib.import_module(DEFS_MODULE).defs
         graph = defs.resolve_asset_graph()
         code_versions = {s.key: s.code_version for s in defs.resolve_all_asset_specs()}
@@ -276,7 +277,7 @@ class Demo:
             fresh = Freshness(instance, graph, code_versions)
             for i, stage in enumerate(stages, 1):
                 partitions: list[str | None] = (
-                    list(instance.get_dynamic_partitions(SHARDS)) if stage.partitioned else [None])
+                    list(instance.get_dynamic_partitions(shards.name)) if stage.partitioned else [None])
                 if stage.partitioned and not partitions:
                     print(f"[{i}/{len(stages)}] no shard partitions registered: nothing to do for "
                           + ",".join(k.to_user_string() for k in stage.keys))
@@ -320,9 +321,11 @@ def missing_partitions(asset: str, data_root: Path) -> list[str]:
     os.environ.setdefault("DAGSTER_HOME", str(ensure_dagster_home(data_root / "dagster_home")))
     import dagster as dg
 
+    from sd_assets.partitions import shards
+
     with dg.DagsterInstance.get() as instance:
         done = instance.get_materialized_partitions(dg.AssetKey(asset))
-        return [k for k in instance.get_dynamic_partitions(SHARDS) if k not in done]
+        return [k for k in instance.get_dynamic_partitions(shards.name) if k not in done]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,9 @@ import dagster as dg
 from sd_assets.jobs import encode_job
 from sd_assets.partitions import shards
 from sd_assets.resources import SDConfig
+from sd_core.encoding.components import components_digest
+from sd_core.encoding.encode import latents_code_version, shard_status
+from sd_core.encoding.latent_cache import read_manifest
 
 # The statuses of runs that did not produce a materialisation; each one bumps the attempt number in the run
 # key, so a failed re-encode is requested again on the next tick instead of being deduplicated forever.
@@ -22,10 +25,6 @@ def latents_refresh_requests(context: dg.ScheduleEvaluationContext, sd: SDConfig
     version) is never deduplicated against the earlier encode, and ``attempt`` (failed/cancelled runs of
     that partition so far) lets a failed encode be retried. Shards with a run in flight are left alone.
     """
-    from sd_core.encoding.encode import latents_code_version, shard_status
-    from sd_core.encoding.components import components_digest
-    from sd_core.encoding.latent_cache import read_manifest
-
     p = sd.get()
     manifest = read_manifest(p.latents_dir)
     digest = components_digest(p)

@@ -4,7 +4,7 @@ lives in `sd_assets.automation`."""
 import dagster as dg
 
 from sd_assets.jobs import shards_job
-from sd_assets.partitions import shards
+from sd_assets.partitions import shards, unregistered_shards
 from sd_assets.resources import SDConfig
 from sd_core.data.filter import existing_parts
 
@@ -32,8 +32,7 @@ def shard_run_key(key: str, part) -> str:
 def shard_sensor(context: dg.SensorEvaluationContext, sd: SDConfig):
     p = sd.get()
     parts = existing_parts(p.filtered_dir)
-    known = set(context.instance.get_dynamic_partitions(shards.name))
-    new = [k for k in parts if k not in known]
+    new = unregistered_shards(context.instance, parts)
     if not new:
         return dg.SkipReason(f"no new shard parts in {p.filtered_dir} ({len(parts)} on disk, all registered)")
     return dg.SensorResult(

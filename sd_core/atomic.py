@@ -4,12 +4,15 @@ Every artefact a crash could cut short (checkpoints, the `latest` pointer, the l
 the frozen components, an exported pipeline, run results) goes through here, so a reader sees either the old
 file or folder or the new one, never a truncated one.
 
-- files: `write_text_atomic`, `write_json_atomic`, `write_parquet_atomic`;
+- files: `write_atomic(path, write)` for any writer of a binary file (PNG, ``torch.save``, parquet),
+  `write_file_atomic` for a writer that needs a file name (safetensors),
+  `write_text_atomic`, `write_json_atomic`, `write_parquet_atomic`; `write_temp` when the rename must wait;
 - folders: ``with atomic_dir(final) as tmp: ...`` builds into a temporary sibling and swaps it into place only
   when the block succeeds (`replace_dir`); `remove_dir` deletes a folder so that a half-deleted one is never
   mistaken for a complete one.
 
-Temporary names start with ``.tmp-`` and end with ``.tmp``, so leftovers of a killed process are easy to find.
+Temporary names are hidden and end with ``.tmp`` (folders start with ``.tmp-``), so leftovers of a killed
+process are easy to find.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
 def fsync_dir(d: str | os.PathLike[str]) -> None:
@@ -45,19 +48,54 @@ def temp_sibling(path: str | os.PathLike[str]) -> Path:
     return Path(name)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Replace ``path`` with ``text`` atomically and durably."""
-    path = Path(path)
+def write_temp(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """A temporary sibling of ``path`` holding what ``write(file)`` wrote, fsynced, for the caller to rename into
+    place (deleted again if the write fails). Use it where the rename must wait (the latent cache journals its
+    renames first); otherwise `write_atomic` does both."""
+
+    def write_to(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return _written_temp(Path(path), write_to)
+
+
+def _written_temp(path: Path, write_to: Callable[[Path], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
+        write_to(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _replace_with(tmp: Path, path: Path) -> None:
+    try:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Replace ``path`` with what ``write(file)`` writes into a binary file, atomically and durably."""
+    _replace_with(write_temp(path, write), Path(path))
+
+
+def write_file_atomic(path: str | os.PathLike[str], write_to: Callable[[Path], None]) -> None:
+    """`write_atomic` for writers that need a file name, not a file (e.g. safetensors' ``save_file``, which
+    streams the tensors out instead of building the whole file in memory)."""
+    path = Path(path)
+    _replace_with(_written_temp(path, write_to), path)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically and durably."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
@@ -69,15 +107,7 @@ def write_parquet_atomic(table: Any, path: str | os.PathLike[str], **kwargs: Any
     """Replace ``path`` with the Arrow ``table`` as parquet (``kwargs`` go to `pyarrow.parquet.write_table`)."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
-        pq.write_table(table, tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    write_atomic(path, lambda f: pq.write_table(table, f, **kwargs))
 
 
 def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

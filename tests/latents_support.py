@@ -1,9 +1,6 @@
-"""Shared helpers for the latent-cache / encoding / components tests (helper "latents").
-
-The tiny components are built once per test session (a short VAE fit: `FIT_STEPS` steps) into a session
-directory and copied into each test's data root, where `build_tiny_components` recognises them as current
-(same settings) instead of fitting again.
-"""
+"""Shared helpers for the latent-cache / encoding / components tests: the short test VAE fit and what it must
+reach, the production components' configs, copying the session's built components (the ``tiny_built``
+fixture, tests/conftest.py) into a data root, and synthetic shard tars."""
 
 from __future__ import annotations
 
@@ -28,25 +25,19 @@ COLOUR_FLOOR = 0.5
 
 OVERRIDES = {"components": {"vae_fit_steps": FIT_STEPS, "vae_fit_seconds": FIT_SECONDS}}
 
-
-def tiny_profile(data_root: Path) -> Profile:
-    return Profile.tiny(data_root).with_overrides(OVERRIDES)
-
-
-def build_session_components(base: Path) -> Path:
-    """Build (or reuse) the tiny components under ``base/data/components``; returns that directory."""
-    from sd_core.encoding.components import build_tiny_components
-
-    import torch
-
-    p = tiny_profile(base / "data")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # least CPU time; 2 OpenMP threads on a shared, busy 2-core box mostly spin
-    try:
-        build_tiny_components(p, log=None)
-    finally:
-        torch.set_num_threads(threads)
-    return p.components_dir
+# The real configs of the production components (copied from their hub repos' config.json).
+SD_VAE_FT_MSE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 256, "scaling_factor": 0.18215,
+}
+CLIP_VIT_L14_TEXT = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
 
 
 def install_components(src: Path, profile: Profile) -> None:

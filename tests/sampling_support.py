@@ -6,8 +6,6 @@ so the same code paths run as with SD 1.5's components.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 MAX_LEN = 16
@@ -87,15 +85,3 @@ def save_tiny_checkpoint(run_dir, unet, step: int = 10, lineage=None, with_ema: 
     sd = unet.state_dict()
     return save_checkpoint(run_dir, CheckpointConfig(step=step, unet=unet.config, **dict(lineage or {})),
                            unet_state=sd, ema_state=sd if with_ema else None, train_state={"step": step})
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two spinning
-    OpenMP threads competing with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -22,29 +22,10 @@ from sd_core.encoding.components import (
 )
 from sd_core.config import Profile
 from sd_core.data import synthetic as S
-from tests.latents_support import COLOUR_FLOOR, PSNR_FLOOR_DB, build_session_components, install_components, tiny_profile
-
-# The real configs of the production components (copied from their hub repos' config.json).
-SD_VAE_FT_MSE = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-    "sample_size": 256, "scaling_factor": 0.18215,
-}
-CLIP_VIT_L14_TEXT = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
-    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}
+from latents_support import CLIP_VIT_L14_TEXT, COLOUR_FLOOR, PSNR_FLOOR_DB, SD_VAE_FT_MSE, install_components
 
 
-@pytest.fixture(scope="session")
-def tiny_built(tmp_path_factory):
-    return build_session_components(tmp_path_factory.getbasetemp() / "latents-tiny")
-
-
-def test_tiny_build_reconstructs_and_records_itself(tiny_built, tmp_path):
+def test_tiny_build_reconstructs_and_records_itself(tiny_built, tiny_profile, tmp_path):
     info = json.loads((tiny_built / BUILD_FILE).read_text())
     rec = info["reconstruction"]
     assert rec["psnr"] >= PSNR_FLOOR_DB and rec["colour_accuracy"] >= COLOUR_FLOOR, rec
@@ -71,7 +52,7 @@ def test_tiny_build_reconstructs_and_records_itself(tiny_built, tmp_path):
     assert components_version(p) != components_version(p.with_overrides({"components": {"seed": 1}}))
 
 
-def test_tiny_tokenizer_and_text_encoder(tiny_built, tmp_path):
+def test_tiny_tokenizer_and_text_encoder(tiny_built, tiny_profile, tmp_path):
     p = tiny_profile(tmp_path / "data")
     install_components(tiny_built, p)
     c = load_components(p)
@@ -110,7 +91,7 @@ def test_missing_tiny_build_is_a_clear_error(tmp_path):
         load_components(Profile.tiny(tmp_path))
 
 
-def test_tiny_components_load_in_a_diffusers_pipeline(tiny_built, tmp_path):
+def test_tiny_components_load_in_a_diffusers_pipeline(tiny_built, tiny_profile, tmp_path):
     """The tokenizer/text encoder/VAE directories load with diffusers' StableDiffusionPipeline.from_pretrained
     (what an exported model does), next to a small diffusers UNet."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel

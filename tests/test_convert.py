@@ -21,7 +21,9 @@ from sd_core.model.convert import (
     unet_state_dict_to_diffusers,
 )
 from sd_core.model.unet import UNetModel
-from tests.unet_support import inputs, one_thread, randomize_  # noqa: F401 (autouse fixture)
+from unet_support import inputs, randomize_
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A second architecture that differs from tiny in widths, depth, attention levels, norm groups, heads,
 # transformer depth and context width; attention on the first and the deepest level.

@@ -6,9 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from e2e_support import ROOT, dagster, env_for
@@ -57,21 +59,39 @@ def test_stages_follow_the_graph():
     assert not stages[0].partitioned
 
 
-def test_demo_materializes_every_asset_then_reuses_them(tmp_path):
-    data_root = tmp_path / "data"
+@dataclass
+class DemoRun:
+    """One ``python -m sd_assets.demo`` into a fresh data root: how it was started and what it printed."""
+
+    data_root: Path
+    cmd: list[str]
+    env: dict[str, str]
+    first: subprocess.CompletedProcess[str]
+    first_s: float
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.data_root / "dagster_home"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> DemoRun:
+    """The whole graph materialised once (what costs), shared by the tests below."""
+    data_root = tmp_path_factory.mktemp("demo") / "data"
     cmd = [sys.executable, "-m", "sd_assets.demo", "-c", str(CONFIGS / "demo-fast.yaml"), "--data-root", str(data_root)]
     env = env_for(data_root / "dagster_home", data_root)
     t0 = time.monotonic()
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     first_s = time.monotonic() - t0
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
-    out = first.stdout
-    assert "materializing" in out and "done in" in out
+    return DemoRun(data_root, cmd, env, first, first_s)
 
+
+def test_the_demo_materializes_every_asset(demo):
+    assert "materializing" in demo.first.stdout and "done in" in demo.first.stdout
     from sd_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
-    with dg.DagsterInstance.from_config(str(data_root / "dagster_home")) as instance:
+    with demo.instance() as instance:
         shards = instance.get_dynamic_partitions("shards")
         assert len(shards) >= 1
         for key in graph.materializable_asset_keys:
@@ -79,22 +99,32 @@ def test_demo_materializes_every_asset_then_reuses_them(tmp_path):
                 assert instance.get_latest_materialization_event(key) is not None, key
             else:
                 assert instance.get_materialized_partitions(key) == set(shards), key
+
+
+def test_the_demo_ends_with_the_grid_and_its_score(demo):
     # the closing lines: where the grid is and its prompt-adherence score
+    out = demo.first.stdout
     grid = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("sample_grid: "))
-    assert Path(grid).is_file() and Path(grid).is_relative_to(data_root), grid
+    assert Path(grid).is_file() and Path(grid).is_relative_to(demo.data_root), grid
     assert "prompt adherence:" in out
 
+
+def test_a_second_demo_reuses_what_is_materialized(demo):
     t0 = time.monotonic()
-    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(demo.cmd, cwd=ROOT, env=demo.env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
     assert "materializing" not in second.stdout and "up to date" in second.stdout, second.stdout
-    assert time.monotonic() - t0 < first_s
+    assert time.monotonic() - t0 < demo.first_s
 
+
+def test_the_readme_command_re_encodes_one_shard(demo):
     # README.md (Operations), one shard re-encoded (the demo's run config has the data root and overrides):
     #   dagster asset materialize -m sd_assets.definitions --select latents --partition KEY -c CONFIG
-    config = data_root / "dagster_home" / "demo_run_config.yaml"
-    dagster("asset", "materialize", "-m", "sd_assets.definitions", "--select", "latents", "--partition", shards[0],
-            "-c", str(config), env=env)
-    with dg.DagsterInstance.from_config(str(data_root / "dagster_home")) as instance:
+    with demo.instance() as instance:
+        shard = instance.get_dynamic_partitions("shards")[0]
+    config = demo.data_root / "dagster_home" / "demo_run_config.yaml"
+    dagster("asset", "materialize", "-m", "sd_assets.definitions", "--select", "latents", "--partition", shard,
+            "-c", str(config), env=demo.env)
+    with demo.instance() as instance:
         runs = instance.get_runs(limit=1)
-        assert runs[0].tags.get("dagster/partition") == shards[0] and runs[0].status == dg.DagsterRunStatus.SUCCESS
+        assert runs[0].tags.get("dagster/partition") == shard and runs[0].status == dg.DagsterRunStatus.SUCCESS

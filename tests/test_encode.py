@@ -10,17 +10,11 @@ from sd_core.encoding.components import load_components
 from sd_core.encoding.encode import encode_shard, latent_stats, load_image
 from sd_core.encoding.latent_cache import LatentDataset, read_manifest, read_shard_table
 from sd_core.encoding.vae_fit import psnr
-from tests.latents_support import PSNR_FLOOR_DB, build_session_components, install_components, tiny_profile, \
-    write_synthetic_tar
-
-
-@pytest.fixture(scope="session")
-def tiny_built(tmp_path_factory):
-    return build_session_components(tmp_path_factory.getbasetemp() / "latents-tiny")
+from latents_support import PSNR_FLOOR_DB, SD_VAE_FT_MSE, install_components, write_synthetic_tar
 
 
 @pytest.fixture
-def profile(tiny_built, tmp_path):
+def profile(tiny_built, tiny_profile, tmp_path):
     p = tiny_profile(tmp_path / "data")
     install_components(tiny_built, p)
     return p
@@ -115,7 +109,6 @@ def test_sd15_shapes_encode_a_512px_image(tmp_path):
     from sd_core.encoding.components import build_tiny_tokenizer
     from sd_core.config import Profile
     from sd_core.data import synthetic as S
-    from tests.test_components import SD_VAE_FT_MSE
 
     root = tmp_path / "c"
     torch.manual_seed(0)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -18,13 +22,7 @@ from sd_assets.resources import SDConfig
 from sd_assets.schedules import latents_refresh
 from sd_core.config import Profile
 from sd_core.encoding.latent_cache import LatentDataset, read_manifest, read_shard_table, shard_paths
-from tests.latents_support import OVERRIDES, build_session_components, install_components, tiny_profile, \
-    write_synthetic_tar
-
-
-@pytest.fixture(scope="session")
-def tiny_built(tmp_path_factory):
-    return build_session_components(tmp_path_factory.getbasetemp() / "latents-tiny")
+from latents_support import OVERRIDES, install_components, write_synthetic_tar
 
 
 def _materialize(assets, instance, overrides, root, **kw):
@@ -39,7 +37,7 @@ def _mat_metadata(res, key="latents"):
     return {k: v.value for k, v in mats[-1].metadata.items()}
 
 
-def test_frozen_components_tiny_reuses_the_build(tiny_built, tmp_path):
+def test_frozen_components_tiny_reuses_the_build(tiny_built, tiny_profile, tmp_path):
     p = tiny_profile(tmp_path / "data")
     install_components(tiny_built, p)
     with dg.instance_for_test() as instance:
@@ -53,99 +51,150 @@ def test_frozen_components_tiny_reuses_the_build(tiny_built, tmp_path):
         assert [c.check_name for c in checks] == ["vae_reconstructs"]
 
 
-def test_latents_through_dagster_stale_on_vae_change_and_schedule(tiny_built, tmp_path):
-    """Two shards encoded through Dagster; a VAE change marks them stale and the schedule requests exactly the
-    stale and missing shards (with versioned run keys); re-encoding one shard leaves the other's files alone."""
-    root = tmp_path / "data"
-    base = tiny_profile(root)
-    install_components(tiny_built, base)
-    # Production-style configuration: the VAE is a *configured source* (a local directory here). Two
-    # directories = two VAEs (B is A with another scaling factor), so changing it needs no new fit.
-    vae_a, vae_b = root / "vaes" / "a", root / "vaes" / "b"
-    shutil.copytree(base.components_dir / "vae", vae_a)
-    shutil.copytree(base.components_dir / "vae", vae_b)
-    cfg = json.loads((vae_b / "config.json").read_text())
-    cfg["scaling_factor"] = cfg["scaling_factor"] * 1.1
-    (vae_b / "config.json").write_text(json.dumps(cfg))
+# The shards the VAE-change tests encode with VAE A: shard -> (latents written, undecodable samples skipped).
+ENCODED = {"00000": (6, 0), "00001": (6, 1)}
+LATENTS = dg.AssetKey("latents")
 
-    def overrides(vae):
+
+@dataclass
+class VaeChange:
+    """One instance and data root in which `ENCODED` went through Dagster with VAE A; 00002 has images but
+    no latents, 00003 no images yet. Production-style configuration: the VAE is a *configured source* (a
+    local directory here); VAE B is A with another scaling factor, so changing it needs no new fit."""
+
+    root: Path
+    base: Profile
+    instance: dg.DagsterInstance
+    vae_a: Path
+    vae_b: Path
+    captions: dict[str, list[str]] = field(default_factory=dict)
+    encoded: dict[str, Any] = field(default_factory=dict)  # shard -> the run that encoded it with VAE A
+
+    def overrides(self, vae: Path) -> dict[str, Any]:
         return {"components": {"build_tiny": False, "vae": str(vae),
-                               "text_encoder": str(base.components_dir / "text_encoder"),
-                               "tokenizer": str(base.components_dir / "tokenizer")}}
+                               "text_encoder": str(self.base.components_dir / "text_encoder"),
+                               "tokenizer": str(self.base.components_dir / "tokenizer")}}
 
-    prof_a, prof_b = base.with_overrides(overrides(vae_a)), base.with_overrides(overrides(vae_b))
-    assert latents_code_version(prof_a) != latents_code_version(prof_b)
-    latents_a, latents_b = build_latents_asset(prof_a), build_latents_asset(prof_b)
+    def profile(self, vae: Path) -> Profile:
+        return self.base.with_overrides(self.overrides(vae))
 
-    caps = {}
-    for i, key in enumerate(["00000", "00001", "00002"]):
-        samples = write_synthetic_tar(base.shards_dir / f"{key}.tar", 6 + i, seed=10 + i, corrupt=(2,) if i == 1 else ())
-        caps[key] = [s["caption"] for s in samples if s["image"] is not None]
+    def latents(self, vae: Path) -> dg.AssetsDefinition:
+        """The ``latents`` asset of a code location loaded with ``vae`` configured."""
+        return build_latents_asset(self.profile(vae))
 
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("shards", ["00000", "00001", "00002", "00003"])  # 00003: no images yet
-        _materialize([frozen_components, latents_a], instance, overrides(vae_a), root, selection="frozen_components")
-        for key, (n, skipped) in {"00000": (6, 0), "00001": (6, 1)}.items():
-            res = _materialize([frozen_components, latents_a], instance, overrides(vae_a), root,
-                               selection="latents", partition_key=key)
+    def materialize(self, vae: Path, **kw: Any):
+        return _materialize([frozen_components, self.latents(vae)], self.instance, self.overrides(vae), self.root,
+                            **kw)
+
+    def scheduled(self, vae: Path) -> dict[str, dg.RunRequest]:
+        """The ``latents_refresh`` tick's run requests by shard, with ``vae`` configured."""
+        sd = SDConfig(data_root=str(self.root), overrides=self.overrides(vae))
+        repo = dg.Definitions(assets=[frozen_components, self.latents(self.vae_a)], schedules=[latents_refresh],
+                              jobs=[encode_job], resources={"sd": sd}).get_repository_def()
+        ctx = dg.build_schedule_context(instance=self.instance, resources={"sd": sd}, repository_def=repo)
+        return {r.partition_key: r for r in (latents_refresh.evaluate_tick(ctx).run_requests or [])}
+
+    def stale_status(self, vae: Path):
+        return get_stale_status_resolver(self.instance, [frozen_components, self.latents(vae)])
+
+
+class TestVaeChange:
+    """Shards encoded through Dagster; a VAE change marks them stale and the schedule requests exactly the
+    stale and missing shards (with versioned run keys); re-encoding one shard leaves the other's files alone.
+
+    The tests share one instance (class-scoped fixtures, one encode of each shard) and run in file order: the
+    ones before the first that asks for `reencoded` see the state right after encoding with VAE A."""
+
+    @pytest.fixture(scope="class")
+    def change(self, tiny_built, tiny_profile, tmp_path_factory) -> Iterator[VaeChange]:
+        root = tmp_path_factory.mktemp("vae-change") / "data"
+        base = tiny_profile(root)
+        install_components(tiny_built, base)
+        vae_a, vae_b = root / "vaes" / "a", root / "vaes" / "b"
+        shutil.copytree(base.components_dir / "vae", vae_a)
+        shutil.copytree(base.components_dir / "vae", vae_b)
+        cfg = json.loads((vae_b / "config.json").read_text())
+        cfg["scaling_factor"] = cfg["scaling_factor"] * 1.1
+        (vae_b / "config.json").write_text(json.dumps(cfg))
+        with dg.instance_for_test() as instance:
+            change = VaeChange(root, base, instance, vae_a, vae_b)
+            for i, key in enumerate(["00000", "00001", "00002"]):
+                samples = write_synthetic_tar(base.shards_dir / f"{key}.tar", 6 + i, seed=10 + i,
+                                              corrupt=(2,) if i == 1 else ())
+                change.captions[key] = [s["caption"] for s in samples if s["image"] is not None]
+            instance.add_dynamic_partitions("shards", ["00000", "00001", "00002", "00003"])
+            change.materialize(vae_a, selection="frozen_components")
+            for key in ENCODED:
+                change.encoded[key] = change.materialize(vae_a, selection="latents", partition_key=key)
+            yield change
+
+    @pytest.fixture(scope="class")
+    def reencoded(self, change) -> tuple[dict[Path, int], str]:
+        """00000 re-encoded with VAE B; returns 00001's file mtimes and 00000's content hash from before."""
+        p1 = shard_paths(change.base.latents_dir, "00001")
+        before = {f: f.stat().st_mtime_ns for f in (p1.latents, p1.tokens, p1.table)}
+        old_hash = read_manifest(change.base.latents_dir)["00000"]["hash"]
+        change.materialize(change.vae_b, selection="latents", partition_key="00000")
+        return before, old_hash
+
+    def test_the_two_vaes_are_two_code_versions(self, change):
+        assert latents_code_version(change.profile(change.vae_a)) != latents_code_version(change.profile(change.vae_b))
+
+    def test_each_shard_reports_its_counts_and_passes_the_stats_check(self, change):
+        for key, (n, skipped) in ENCODED.items():
+            res = change.encoded[key]
             md = _mat_metadata(res)
             assert (md["encoded"], md["skipped"]) == (n, skipped) and md["latent_shape"] == [4, 16, 16]
             assert 0.5 <= md["latent_std"] <= 1.5 and md["images_per_s"] > 0
             (check,) = res.get_asset_check_evaluations()
             assert check.check_name == "latent_stats_sane" and check.passed
 
-        ds = LatentDataset(base.latents_dir)
-        assert len(ds) == 12 and ds.latent_shape == (4, 16, 16) and ds[0][1].shape == (base.components.max_length,)
-        for key in ("00000", "00001"):
-            assert read_shard_table(base.latents_dir, key).column("caption").to_pylist() == caps[key]
+    def test_the_cache_holds_every_decodable_sample_with_its_caption(self, change):
+        ds = LatentDataset(change.base.latents_dir)
+        assert len(ds) == 12 and ds.latent_shape == (4, 16, 16)
+        assert ds[0][1].shape == (change.base.components.max_length,)
+        for key in ENCODED:
+            assert read_shard_table(change.base.latents_dir, key).column("caption").to_pylist() == change.captions[key]
 
-        def scheduled(profile_overrides):
-            sd = SDConfig(data_root=str(root), overrides=profile_overrides)
-            repo = dg.Definitions(assets=[frozen_components, latents_a], schedules=[latents_refresh],
-                                  jobs=[encode_job], resources={"sd": sd}).get_repository_def()
-            ctx = dg.build_schedule_context(instance=instance, resources={"sd": sd}, repository_def=repo)
-            data = latents_refresh.evaluate_tick(ctx)
-            return {r.partition_key: r for r in (data.run_requests or [])}
+    def test_with_the_current_vae_the_schedule_requests_only_the_missing_shard(self, change):
+        assert sorted(change.scheduled(change.vae_a)) == ["00002"]
 
-        # current VAE: only the shard with images but no latents
-        assert sorted(scheduled(overrides(vae_a))) == ["00002"]
-
+    def test_a_vae_change_marks_the_encoded_shards_stale(self, change):
         # Dagster: under the old definitions both encoded partitions are fresh; with the new VAE they are stale
-        fresh = get_stale_status_resolver(instance, [frozen_components, latents_a])
-        stale = get_stale_status_resolver(instance, [frozen_components, latents_b])
-        for key in ("00000", "00001"):
-            assert fresh.get_status(dg.AssetKey("latents"), key) == StaleStatus.FRESH
-            assert stale.get_status(dg.AssetKey("latents"), key) == StaleStatus.STALE
-            causes = stale.get_stale_causes(dg.AssetKey("latents"), key)
+        fresh, stale = change.stale_status(change.vae_a), change.stale_status(change.vae_b)
+        for key in ENCODED:
+            assert fresh.get_status(LATENTS, key) == StaleStatus.FRESH
+            assert stale.get_status(LATENTS, key) == StaleStatus.STALE
+            causes = stale.get_stale_causes(LATENTS, key)
             assert any("code version" in c.reason for c in causes)
 
-        reqs = scheduled(overrides(vae_b))
+    def test_after_a_vae_change_the_schedule_requests_every_shard_with_images(self, change):
+        reqs = change.scheduled(change.vae_b)
         assert sorted(reqs) == ["00000", "00001", "00002"]
-        assert all(latents_code_version(prof_b) in r.run_key for r in reqs.values())
+        assert all(latents_code_version(change.profile(change.vae_b)) in r.run_key for r in reqs.values())
         assert reqs["00000"].tags["sd/encode_reason"].startswith("stale")
         assert reqs["00002"].tags["sd/encode_reason"] == "missing"
 
-        # re-encode 00000 with VAE B: 00001's files are untouched, and the schedule now wants exactly 00001, 00002
-        p1 = shard_paths(base.latents_dir, "00001")
-        before = {f: f.stat().st_mtime_ns for f in (p1.latents, p1.tokens, p1.table)}
-        old_hash = read_manifest(base.latents_dir)["00000"]["hash"]
-        _materialize([frozen_components, latents_b], instance, overrides(vae_b), root, selection="latents",
-                     partition_key="00000")
+    def test_reencoding_one_shard_leaves_the_other_shards_files_alone(self, change, reencoded):
+        before, old_hash = reencoded
         assert {f: f.stat().st_mtime_ns for f in before} == before
-        m = read_manifest(base.latents_dir)
-        assert m["00000"]["hash"] != old_hash and m["00000"]["code_version"] == latents_code_version(prof_b)
-        assert m["00000"]["scaling_factor"] == pytest.approx(cfg["scaling_factor"])
-        assert sorted(scheduled(overrides(vae_b))) == ["00001", "00002"]
-        stale = get_stale_status_resolver(instance, [frozen_components, latents_b])
-        assert stale.get_status(dg.AssetKey("latents"), "00000") == StaleStatus.FRESH
+        m = read_manifest(change.base.latents_dir)
+        assert m["00000"]["hash"] != old_hash and m["00000"]["code_version"] == latents_code_version(
+            change.profile(change.vae_b))
+        vae_b_scaling = json.loads((change.vae_b / "config.json").read_text())["scaling_factor"]
+        assert m["00000"]["scaling_factor"] == pytest.approx(vae_b_scaling)
 
-        # idempotent: running the partition again rewrites the same content
-        _materialize([frozen_components, latents_b], instance, overrides(vae_b), root, selection="latents",
-                     partition_key="00000")
-        assert read_manifest(base.latents_dir)["00000"]["hash"] == m["00000"]["hash"]
+    def test_a_reencoded_shard_is_fresh_and_no_longer_requested(self, change, reencoded):
+        assert sorted(change.scheduled(change.vae_b)) == ["00001", "00002"]
+        assert change.stale_status(change.vae_b).get_status(LATENTS, "00000") == StaleStatus.FRESH
+
+    def test_reencoding_again_rewrites_the_same_content(self, change, reencoded):
+        first = read_manifest(change.base.latents_dir)["00000"]["hash"]
+        change.materialize(change.vae_b, selection="latents", partition_key="00000")
+        assert read_manifest(change.base.latents_dir)["00000"]["hash"] == first
 
 
-def test_latents_needs_the_shard_tar(tiny_built, tmp_path):
+def test_latents_needs_the_shard_tar(tiny_built, tiny_profile, tmp_path):
     p = tiny_profile(tmp_path / "data")
     install_components(tiny_built, p)
     with dg.instance_for_test() as instance:

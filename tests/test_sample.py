@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sampling_support import (components, one_thread, save_components, save_tiny_checkpoint, tiny_unet)
+from sampling_support import components, save_components, save_tiny_checkpoint, tiny_unet
 from sd_core.sampling.generate import CompatibilityError, generate, load_for_sampling, make_generators
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -20,11 +20,7 @@ KW = dict(height=32, width=32)
 # one rounding level; measured: 0.
 PIXEL_TOL = 1
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

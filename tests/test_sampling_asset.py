@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sampling_support import one_thread, save_components, save_tiny_checkpoint, tiny_unet
+from sampling_support import save_components, save_tiny_checkpoint, tiny_unet
 from sd_core.sampling.adherence import adherence, dominant_colour, prompt_colour
 
 
@@ -90,11 +90,11 @@ def _materialize(root, instance, **sample):
     from sd_assets.resources import SDConfig
 
     overrides = {"sample": {"steps": 3, "height": 32, "width": 32, "seeds": [0, 1], **sample}}
-    with one_thread():
-        return dg.materialize([sample_grid], instance=instance,
-                              resources={"sd": SDConfig(profile="tiny", data_root=str(root), overrides=overrides)})
+    return dg.materialize([sample_grid], instance=instance,
+                          resources={"sd": SDConfig(profile="tiny", data_root=str(root), overrides=overrides)})
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_sample_grid_materializes_with_image_and_lineage(tiny_checkpoint):
     root, ckpt = tiny_checkpoint
     with dg.instance_for_test() as instance:
@@ -128,6 +128,7 @@ def test_sample_grid_materializes_with_image_and_lineage(tiny_checkpoint):
         assert adh.passed == (md["adherence"].value > 0.25)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_sample_grid_prefers_upstream_materialization_and_fails_clearly(tiny_checkpoint, tmp_path):
     root, ckpt = tiny_checkpoint
     other = save_tiny_checkpoint(root / "checkpoints" / "run-b", tiny_unet(seed=3), step=7)

@@ -15,21 +15,14 @@ from sd_core.training import trainer as train
 from sd_core.config import Profile
 from sd_core.training.lr_schedule import lr_factor
 from sd_core.training.data_order import split_indices
+from sd_core.training.faults import FAULT_ENV
 from sd_core.training.metrics_log import read_metrics
 from train_support import make_tiny_data, train_argv
 
 # a smaller UNet than the tiny profile's, so each test step costs a few tens of ms
 SMALL_UNET = {"unet": {"ch": 16, "ch_mults": [1, 2], "res_blks": 1, "attn_lvls": [2], "heads": 2, "norm_groups": 8}}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to OpenMP spin-waiting on a busy machine
-    (measured here: 20x slower with 2 threads while other processes compete for the 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +122,7 @@ def test_exact_resume_matches_an_uninterrupted_run(profile, tmp_path):
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(profile, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    monkeypatch.setenv(train.FAULT_ENV, "nan@5")
+    monkeypatch.setenv(FAULT_ENV, "nan@5")
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 5\b"):
         train.main(_argv(profile, out, max_steps=8, checkpoint_every=2))
     assert [p.name for p in ck.list_checkpoints(out)] == ["step_00000002", "step_00000004"]

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from sd_core.config import UNetConfig
 from sd_core.model.unet import UNetModel
-from tests.unet_support import inputs, one_thread, randomize_  # noqa: F401 (autouse fixture)
+from unet_support import inputs, randomize_
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = UNetConfig(ch=32, ch_mults=(1, 2), res_blks=1, attn_lvls=(2,), heads=2, ctx_dim=32)
 

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sd_core.config import UNetConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run their many tiny ops fastest on one thread; with more, OpenMP workers spinning against
-    other processes on a shared CPU made the overfit test 10× slower (175 s instead of 13 s).
-    Autouse in every module that imports it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

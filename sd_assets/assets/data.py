@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from sd_assets.partitions import shards
+from sd_assets.partitions import shard_input, shards, unregistered_shards
 from sd_assets.resources import SDConfig
 from sd_core.data.filter import check_parts, existing_parts, filter_metadata, parts_version
 from sd_core.data.image_server import ImageServer
@@ -20,11 +20,18 @@ from sd_core.data.synthetic import generate_synthetic, served_by_synthetic_serve
 
 def _register_shards(context: dg.AssetExecutionContext, keys: list[str]) -> list[str]:
     """Add the shard keys that are not yet partitions of ``shards``; return the ones added."""
-    known = set(context.instance.get_dynamic_partitions(shards.name))
-    new = [k for k in keys if k not in known]
+    new = unregistered_shards(context.instance, keys)
     if new:
         context.instance.add_dynamic_partitions(shards.name, new)
     return new
+
+
+def _column_mapping_markdown(columns: dict[str, dict[str, str | None]]) -> str:
+    """Canonical column → each file's source column, one markdown column per file."""
+    lines = ["| canonical | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for canon in CANONICAL:
+        lines.append(f"| {canon} | " + " | ".join(str(cols[canon] or "—") for cols in columns.values()) + " |")
+    return "\n".join(lines)
 
 
 @dg.asset(
@@ -45,21 +52,13 @@ def laion_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materi
     res = fetch_source(src, p.filter, p.metadata_dir, p.data_root / ".cache" / "hf", synthetic_writer=write_synthetic)
     for old in res.removed:
         context.log.info(f"removed {old.name}: no longer part of the configured source")
-    mapping = ["| canonical | " + " | ".join(res.columns) + " |", "|---|" + "---|" * len(res.columns)]
-    for canon in CANONICAL:
-        mapping.append(f"| {canon} | " + " | ".join(str(cols[canon] or "—") for cols in res.columns.values()) + " |")
     metadata: dict[str, dg.RawMetadataValue] = {
         "source": f"{src.kind}: {src.uri or 'embedded synthetic shapes'}",
-        "files": dg.MetadataValue.json([str(f) for f in res.files]),
-        "num_files": len(res.files),
-        "rows": dg.MetadataValue.int(res.rows),
-        "bytes": dg.MetadataValue.int(res.bytes),
+        **res.as_metadata(),
         "schema": dg.MetadataValue.md("```\n" + res.schema + "\n```"),
-        "column_mapping": dg.MetadataValue.md("\n".join(mapping)),
+        "column_mapping": dg.MetadataValue.md(_column_mapping_markdown(res.columns)),
         "path": dg.MetadataValue.path(str(p.metadata_dir)),
     }
-    if res.synthetic:
-        metadata["synthetic_planted"] = dg.MetadataValue.json(res.synthetic)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(files_version(res.files)))
 
 
@@ -87,25 +86,25 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
     return dg.MaterializeResult(
         metadata={
             "funnel": dg.MetadataValue.md(report.funnel_markdown()),
-            "rows_in": dg.MetadataValue.int(report.rows_in),
-            "rows_out": dg.MetadataValue.int(report.rows_out),
-            "removed_by": dg.MetadataValue.json(report.removed_by),
-            "new_shards": dg.MetadataValue.json(report.shard_keys),
+            **report.as_metadata(),
             "num_shards": len(parts),
-            "registered_partitions": dg.MetadataValue.json(added),
-            "seconds": report.seconds,
+            "registered_partitions": added,
             "path": dg.MetadataValue.path(str(p.filtered_dir)),
         },
         data_version=dg.DataVersion(parts_version(parts)),
         check_results=[dg.AssetCheckResult(
             check_name="thresholds_hold",
             passed=not any(violations.values()),
-            metadata={"violations": dg.MetadataValue.json(violations), "parts_checked": len(parts)},
+            metadata={"violations": violations, "parts_checked": len(parts)},
             description=None if not any(violations.values()) else
             "rows violating the current thresholds: parts written under looser settings stay as they are; "
             "re-filter into a fresh data root to apply tighter ones",
         )],
     )
+
+
+def _failures_markdown(failures: dict[str, int]) -> str:
+    return "\n".join(["| reason | rows |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in failures.items()])
 
 
 @dg.asset(
@@ -122,28 +121,16 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
 def image_shards(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
     p = sd.get()
     key = context.partition_key
-    part = p.filtered_dir / f"{key}.parquet"
-    if not part.is_file():
-        raise dg.Failure(f"shard {key}: its filtered part {part} does not exist (materialise filtered_metadata "
-                         f"with the same data root first)")
+    part = shard_input(key, p.filtered_dir / f"{key}.parquet", filtered_metadata)
     server = ImageServer() if served_by_synthetic_server(part) else nullcontext()
     with server as srv:
         if srv is not None:
             context.log.info(f"serving the synthetic images on {srv.base_url}")
         report = download_shard(part, p.shards_dir, key, p.download,
                                 rewrite=srv.rewrite if srv is not None else None, log=context.log.debug)
-    failures = ["| reason | rows |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in report.failures.items()]
     context.log.info(f"shard {key}: {report.successes}/{report.rows} images, failures {report.failures}")
     return dg.MaterializeResult(metadata={
-        "rows": dg.MetadataValue.int(report.rows),
-        "successes": dg.MetadataValue.int(report.successes),
-        "success_rate": dg.MetadataValue.float(round(report.success_rate, 4)),
-        "failed_to_download": dg.MetadataValue.int(report.failed_to_download),
-        "failed_to_resize": dg.MetadataValue.int(report.failed_to_resize),
-        "failures": dg.MetadataValue.md("\n".join(failures)),
-        "failures_by_reason": dg.MetadataValue.json(report.failures),
-        "bytes": dg.MetadataValue.int(report.bytes),
-        "images_per_s": dg.MetadataValue.float(round(report.successes / max(report.seconds, 1e-9), 1)),
-        "seconds": report.seconds,
+        **report.as_metadata(),
+        "failures": dg.MetadataValue.md(_failures_markdown(report.failures)),
         "tar": dg.MetadataValue.path(report.tar),
     })

@@ -1,8 +1,8 @@
 """Frozen components and the latent cache: ``frozen_components`` → ``latents[shard]``.
 
-Thin wiring over `sd_core.encoding.components` (load / build the VAE, text encoder, tokenizer), `sd_core.encoding.encode`
-(one shard tar → latents) and `sd_core.encoding.latent_cache` (the cache). Every number comes from the selected
-`sd_core.config.Profile` (the ``sd`` resource).
+Thin wiring over `sd_core.encoding.components` (load / build the VAE, text encoder, tokenizer),
+`sd_core.encoding.encode` (one shard tar → latents) and `sd_core.encoding.latent_cache` (the cache). Every
+number comes from the selected `sd_core.config.Profile` (the ``sd`` resource).
 
 Versions:
 
@@ -19,15 +19,18 @@ Versions:
 """
 
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from sd_assets.partitions import shards
+from sd_assets.assets.data import image_shards
+from sd_assets.partitions import shard_input, shards
 from sd_assets.resources import SDConfig
-from sd_core.encoding.components import describe_pretrained
 from sd_core.config import Profile, get_profile
-from sd_core.encoding.encode import latents_code_version, tar_version
+from sd_core.encoding.components import build_tiny_components, component_sources, components_digest, describe_pretrained
+from sd_core.encoding.encode import EncodeReport, encode_shard, latent_stats, latents_code_version, tar_version
+from sd_core.encoding.vae_fit import ColourReport
 
 STD_RANGE = (0.5, 1.5)  # what the latents' std check accepts (scaled latents should have std ≈ 1)
 TINY_PSNR_WARN_DB = 18.0  # frozen_components check: below this the tiny VAE hardly reconstructs the shapes
@@ -54,46 +57,49 @@ class FrozenComponentsConfig(dg.Config):
 )
 def frozen_components(context: dg.AssetExecutionContext, sd: SDConfig,
                       config: FrozenComponentsConfig) -> dg.MaterializeResult:
-    from sd_core.encoding.components import build_tiny_components, component_sources
-
     p = sd.get()
     if not p.components.build_tiny:
-        try:
-            meta, version = describe_pretrained(p)
-        except ValueError as e:
-            raise dg.Failure(str(e)) from e
-        return dg.MaterializeResult(
-            metadata=meta, data_version=dg.DataVersion(version),
-            check_results=[dg.AssetCheckResult(check_name="vae_reconstructs", passed=True,
-                                               metadata={"note": "pretrained VAE: not measured"})])
+        return _pretrained_components(p)
+    return _tiny_components(p, build_tiny_components(p, force=config.rebuild, log=context.log.info))
 
-    info = build_tiny_components(p, force=config.rebuild, log=context.log.info)
-    rec = info["reconstruction"]
+
+def _pretrained_components(p: Profile) -> dg.MaterializeResult:
+    """sd15: the configured sources, checked against the profile; the VAE's quality is not measured."""
+    try:
+        meta, version = describe_pretrained(p)
+    except ValueError as e:
+        raise dg.Failure(str(e)) from e
+    return dg.MaterializeResult(
+        metadata=meta, data_version=dg.DataVersion(version),
+        check_results=[dg.AssetCheckResult(check_name="vae_reconstructs", passed=True,
+                                           metadata={"note": "pretrained VAE: not measured"})])
+
+
+def _tiny_components(p: Profile, info: dict[str, Any]) -> dg.MaterializeResult:
+    """tiny: the build record (``build.json``) as metadata, and its held-out reconstruction as the check."""
     src = component_sources(p)
-    psnr = float(rec["psnr"])
+    reconstruction = ColourReport(**info["reconstruction"])
+    fidelity = reconstruction.as_metadata()
     meta: dict[str, Any] = {
         "vae": dg.MetadataValue.path(src.vae),
         "text_encoder": dg.MetadataValue.path(src.text_encoder),
         "tokenizer": dg.MetadataValue.path(src.tokenizer),
-        "vae_params": dg.MetadataValue.int(info["params"]["vae"]),
-        "text_encoder_params": dg.MetadataValue.int(info["params"]["text_encoder"]),
-        "vocab_size": dg.MetadataValue.int(info["vocab_size"]),
-        "psnr_db": dg.MetadataValue.float(round(psnr, 2)),
-        "colour_accuracy": dg.MetadataValue.float(round(rec["colour_accuracy"], 3)),
-        "background_accuracy": dg.MetadataValue.float(round(rec["background_accuracy"], 3)),
-        "colour_error_rgb": dg.MetadataValue.float(round(rec["colour_error"], 1)),
-        "colour_accuracy_by_colour": dg.MetadataValue.json(rec["per_colour_accuracy"]),
-        "scaling_factor": dg.MetadataValue.float(info["scaling_factor"]),
-        "fit_steps": dg.MetadataValue.int(info["fit"]["steps"]),
-        "fit_seconds": dg.MetadataValue.float(info["fit"]["seconds"]),
+        "vae_params": info["params"]["vae"],
+        "text_encoder_params": info["params"]["text_encoder"],
+        "vocab_size": info["vocab_size"],
+        **fidelity,
+        "scaling_factor": float(info["scaling_factor"]),
+        "fit_steps": info["fit"]["steps"],
+        "fit_seconds": float(info["fit"]["seconds"]),
         "digest": info["digest"],
     }
     return dg.MaterializeResult(
         metadata=meta, data_version=dg.DataVersion(info["digest"]),
         check_results=[dg.AssetCheckResult(
-            check_name="vae_reconstructs", passed=psnr >= TINY_PSNR_WARN_DB, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"psnr_db": round(psnr, 2), "floor_db": TINY_PSNR_WARN_DB,
-                      "colour_accuracy": round(rec["colour_accuracy"], 3)})],
+            check_name="vae_reconstructs", passed=reconstruction.psnr >= TINY_PSNR_WARN_DB,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"psnr_db": fidelity["psnr_db"], "floor_db": TINY_PSNR_WARN_DB,
+                      "colour_accuracy": fidelity["colour_accuracy"]})],
     )
 
 
@@ -104,13 +110,14 @@ _LOADED = get_profile()  # the profile this code location was loaded with: decid
 def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
     """The ``latents`` asset with the code version of ``profile`` (the module-level asset uses the profile of
     the environment; tests build variants to show that a VAE change marks partitions stale)."""
+    loaded_version = latents_code_version(profile)
 
     @dg.asset(
         name="latents",
         group_name="encoding",
         partitions_def=shards,
-        deps=[dg.AssetKey("image_shards"), dg.AssetKey("frozen_components")],
-        code_version=latents_code_version(profile),
+        deps=[image_shards, frozen_components],
+        code_version=loaded_version,
         automation_condition=dg.AutomationCondition.on_missing(),
         pool="gpu",
         kinds={"numpy"},
@@ -124,64 +131,56 @@ def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
                     "Undecodable samples are skipped and counted.",
     )
     def latents(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
-        from sd_core.encoding.components import components_digest
-        from sd_core.encoding.encode import encode_shard, latent_stats
-
         p = sd.get()
         key = context.partition_key
-        tar = p.shards_dir / f"{key}.tar"
-        if not tar.is_file():
-            raise dg.Failure(f"shard {key}: {tar} does not exist (materialise image_shards for this partition "
-                             f"with the same data root first)")
+        tar = shard_input(key, p.shards_dir / f"{key}.tar", image_shards)
         version = latents_code_version(p)
-        if version != latents_code_version(profile):
+        if version != loaded_version:
             context.log.warning(f"run config changes the encoding (version {version}) but this code location was "
-                                f"loaded with {latents_code_version(profile)}: the manifest records {version}")
-
-        def progress(d: dict[str, Any]) -> None:
-            context.log.info(f"shard {key}: {d['encoded']} encoded, {d['skipped']} skipped, "
-                             f"{d['images_per_s']} img/s")
-
-        report = encode_shard(
-            tar, p.latents_dir, key, p, code_version=version, progress=progress,
-            extra={"components_digest": components_digest(p), "source_version": tar_version(tar)},
-        )
+                                f"loaded with {loaded_version}: the manifest records {version}")
+        report = _encode(context, p, key, tar, version)
         stats = latent_stats(p.latents_dir, key)
-        lo, hi = STD_RANGE
-        passed = stats["nonfinite"] == 0 and (stats["count"] == 0 or lo <= stats["std"] <= hi)
-        context.log.info(f"shard {key}: {report.encoded} latents ({report.skipped} skipped) at "
-                         f"{report.images_per_s} img/s on {report.device}; mean {stats['mean']:.3f}, "
-                         f"std {stats['std']:.3f}")
-        if report.skipped:
-            context.log.warning(f"shard {key}: skipped {report.skipped} undecodable sample(s), e.g. "
-                                f"{report.skipped_examples[:3]}")
-        entry = report.manifest_entry
+        _log_encoded(context, key, report, stats)
         return dg.MaterializeResult(
-            metadata={
-                "encoded": dg.MetadataValue.int(report.encoded),
-                "skipped": dg.MetadataValue.int(report.skipped),
-                "images_per_s": dg.MetadataValue.float(report.images_per_s),
-                "seconds": dg.MetadataValue.float(report.seconds),
-                "latent_mean": dg.MetadataValue.float(round(stats["mean"], 4)),
-                "latent_std": dg.MetadataValue.float(round(stats["std"], 4)),
-                "latent_shape": dg.MetadataValue.json(report.latent_shape),
-                "device": report.device,
-                "processes": dg.MetadataValue.int(report.processes),
-                "scaling_factor": dg.MetadataValue.float(float(entry["scaling_factor"])),
-                "content_hash": entry["hash"],
-                "encode_version": version,
-                "skipped_examples": dg.MetadataValue.json(report.skipped_examples),
-                "path": dg.MetadataValue.path(str(p.latents_dir / f"{key}.npy")),
-            },
-            data_version=dg.DataVersion(entry["hash"]),
-            check_results=[dg.AssetCheckResult(
-                check_name="latent_stats_sane", passed=bool(passed),
-                metadata={"std": round(stats["std"], 4), "mean": round(stats["mean"], 4),
-                          "nonfinite": stats["nonfinite"], "count": stats["count"],
-                          "accepted_std": f"{lo}-{hi}"})],
+            metadata={**report.as_metadata(), "latent_mean": round(stats["mean"], 4),
+                      "latent_std": round(stats["std"], 4), "encode_version": version,
+                      "path": dg.MetadataValue.path(str(p.latents_dir / f"{key}.npy"))},
+            data_version=dg.DataVersion(report.manifest_entry["hash"]),
+            check_results=[_latent_stats_check(stats)],
         )
 
     return latents
+
+
+def _encode(context: dg.AssetExecutionContext, p: Profile, key: str, tar: Path, version: str) -> EncodeReport:
+    """Encode one shard tar into the cache, recording what staleness is judged by: the encode version, the
+    components' digest and the tar's identity (see the module docstring)."""
+    def progress(d: dict[str, Any]) -> None:
+        context.log.info(f"shard {key}: {d['encoded']} encoded, {d['skipped']} skipped, {d['images_per_s']} img/s")
+
+    return encode_shard(
+        tar, p.latents_dir, key, p, code_version=version, progress=progress,
+        extra={"components_digest": components_digest(p), "source_version": tar_version(tar)},
+    )
+
+
+def _log_encoded(context: dg.AssetExecutionContext, key: str, report: EncodeReport, stats: dict[str, float]) -> None:
+    context.log.info(f"shard {key}: {report.encoded} latents ({report.skipped} skipped) at "
+                     f"{report.images_per_s} img/s on {report.device}; mean {stats['mean']:.3f}, "
+                     f"std {stats['std']:.3f}")
+    if report.skipped:
+        context.log.warning(f"shard {key}: skipped {report.skipped} undecodable sample(s), e.g. "
+                            f"{report.skipped_examples[:3]}")
+
+
+def _latent_stats_check(stats: dict[str, float]) -> dg.AssetCheckResult:
+    """No NaN/inf, and a std in `STD_RANGE` (an empty shard has no std to judge)."""
+    lo, hi = STD_RANGE
+    passed = stats["nonfinite"] == 0 and (stats["count"] == 0 or lo <= stats["std"] <= hi)
+    return dg.AssetCheckResult(
+        check_name="latent_stats_sane", passed=bool(passed),
+        metadata={"std": round(stats["std"], 4), "mean": round(stats["mean"], 4), "nonfinite": stats["nonfinite"],
+                  "count": stats["count"], "accepted_std": f"{lo}-{hi}"})
 
 
 latents = build_latents_asset(_LOADED)

@@ -24,13 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import torch
 from dagster._core.errors import DagsterPipesExecutionError  # not re-exported by `dagster` in 1.13
 
+from sd_assets.assets.latents import frozen_components, latents
 from sd_assets.resources import SDConfig
+from sd_core.config import Profile
+from sd_core.training.checkpoint import CheckpointError, load_unet, nonfinite_tensors, read_config, resolve_checkpoint
 from sd_core.training.launch import rank_errors, stop_trainer_processes, trainer_command
+from sd_core.training.metrics_log import loss_curve_markdown, read_metrics
 
-LATENTS = dg.AssetKey("latents")
-COMPONENTS = dg.AssetKey("frozen_components")
 CHECK_NAME = "checkpoint_loads_and_is_finite"
 
 
@@ -60,8 +63,6 @@ def _nproc(config: TrainAssetConfig, train_nproc: int | None) -> int:
 
 def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
     """Both weight sets of the checkpoint load into a UNet and hold only finite numbers."""
-    from sd_core.training.checkpoint import load_unet, nonfinite_tensors
-
     if ckpt is None:
         return dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata={"error": "no checkpoint"})
     try:
@@ -83,7 +84,7 @@ def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
 
 @dg.asset(
     group_name="training",
-    deps=[LATENTS, COMPONENTS],
+    deps=[latents, frozen_components],
     kinds={"pytorch"},
     pool="gpu",
     code_version="unet_checkpoint-1",
@@ -93,9 +94,6 @@ def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
 def unet_checkpoint(context: dg.AssetExecutionContext, config: TrainAssetConfig, sd: SDConfig
                     ) -> dg.MaterializeResult:
     """The UNet trained on every encoded latent shard (torchrun + Dagster Pipes; see the module docs)."""
-    from sd_core.training.checkpoint import CheckpointError, read_config, resolve_checkpoint
-    from sd_core.training.metrics_log import loss_curve_markdown, read_metrics
-
     profile = sd.get()
     data_root = profile.data_root.resolve()
     run_id = config.run_name or context.run_id
@@ -103,50 +101,15 @@ def unet_checkpoint(context: dg.AssetExecutionContext, config: TrainAssetConfig,
     nproc = _nproc(config, profile.train.nproc_per_node)
     cmd = trainer_command(profile.name, data_root, dict(sd.overrides or {}), out, run_id, config.resume, nproc,
                           list(config.extra_args))
-    env = {"PYTHONUNBUFFERED": "1", "SD_PROFILE": profile.name, "SD_DATA_ROOT": str(data_root)}
-    if not _cuda_visible():  # torchrun would pin every CPU rank to one thread
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    env.update(config.env)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("errors", "pids"):
-        for f in (out / stale).glob("rank*"):
-            f.unlink()
+    _clear_rank_files(out)
     context.log.info(f"launching the trainer ({nproc} process(es)): {' '.join(cmd)}")
-
-    client = dg.PipesSubprocessClient(forward_termination=True, termination_timeout_seconds=30)
-    try:
-        invocation = client.run(context=context, command=cmd, env=env)
-    except DagsterPipesExecutionError as e:
-        errors = rank_errors(out)
-        raise dg.Failure(
-            description=f"the trainer failed: {e}\n{errors or '(no rank wrote a traceback; see the stderr log)'}",
-            metadata={"output_dir": dg.MetadataValue.path(str(out)), "command": " ".join(cmd)},
-        ) from e
-    finally:
-        left = stop_trainer_processes(out)
-        if left:
-            context.log.warning(f"terminated leftover trainer processes {left}")
+    invocation = _run_trainer(context, cmd, _trainer_env(profile, data_root, nproc, config.env), out)
 
     reported = invocation.get_materialize_result()
     metadata: dict[str, Any] = dict(reported.metadata or {})
-    raw_ckpt = metadata.get("checkpoint_path")
-    ckpt_path = getattr(raw_ckpt, "value", raw_ckpt) if raw_ckpt is not None else None
-    try:
-        ckpt = resolve_checkpoint(ckpt_path or out)
-    except CheckpointError:
-        ckpt = None
-
-    # our own lineage: what this checkpoint was trained on (recorded by the trainer in config.json)
+    ckpt = _trained_checkpoint(metadata, out)
     if ckpt is not None:
-        cfg = read_config(ckpt)
-        metadata["checkpoint_path"] = dg.MetadataValue.path(str(ckpt))
-        metadata["step"] = cfg.step
-        metadata["shards"] = dg.MetadataValue.json(list(cfg.shards))
-        metadata["num_shards"] = len(cfg.shards)
-        metadata["filter_config"] = dg.MetadataValue.json(cfg.filter)
-        metadata["source"] = dg.MetadataValue.json(cfg.source)
-        metadata["manifest_hash"] = cfg.manifest_hash
-        metadata["train_config"] = dg.MetadataValue.json(cfg.train)
+        metadata.update(_lineage_metadata(ckpt))
     records = read_metrics(out)
     if records:
         metadata["loss_curve"] = dg.MetadataValue.md(loss_curve_markdown(records))
@@ -158,10 +121,58 @@ def unet_checkpoint(context: dg.AssetExecutionContext, config: TrainAssetConfig,
                                 check_results=[checkpoint_check(ckpt)])
 
 
-def _cuda_visible() -> bool:
-    try:
-        import torch
+def _trainer_env(profile: Profile, data_root: Path, nproc: int, extra: dict[str, str]) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1", "SD_PROFILE": profile.name, "SD_DATA_ROOT": str(data_root)}
+    if not _cuda_visible():  # torchrun would pin every CPU rank to one thread
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env.update(extra)
+    return env
 
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
+
+def _clear_rank_files(out: Path) -> None:
+    """Remove the tracebacks and pid files of an earlier attempt in the same run directory (a continued
+    ``run_name``), so a failure reports this attempt's ranks and only this attempt's trainers are stopped."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("errors", "pids"):
+        for f in (out / stale).glob("rank*"):
+            f.unlink()
+
+
+def _run_trainer(context: dg.AssetExecutionContext, cmd: list[str], env: dict[str, str], out: Path
+                 ) -> dg.PipesClientCompletedInvocation:
+    """torchrun under Pipes: a failure carries the ranks' tracebacks, and no trainer process outlives it."""
+    client = dg.PipesSubprocessClient(forward_termination=True, termination_timeout_seconds=30)
+    try:
+        return client.run(context=context, command=cmd, env=env)
+    except DagsterPipesExecutionError as e:
+        errors = rank_errors(out)
+        raise dg.Failure(
+            description=f"the trainer failed: {e}\n{errors or '(no rank wrote a traceback; see the stderr log)'}",
+            metadata={"output_dir": dg.MetadataValue.path(str(out)), "command": " ".join(cmd)},
+        ) from e
+    finally:
+        left = stop_trainer_processes(out)
+        if left:
+            context.log.warning(f"terminated leftover trainer processes {left}")
+
+
+def _trained_checkpoint(reported: dict[str, Any], out: Path) -> Path | None:
+    """The checkpoint the trainer reported as ``checkpoint_path``, else the latest under ``out``; None if none."""
+    raw = reported.get("checkpoint_path")
+    path = getattr(raw, "value", raw) if raw is not None else None
+    try:
+        return resolve_checkpoint(path or out)
+    except CheckpointError:
+        return None
+
+
+def _lineage_metadata(ckpt: Path) -> dict[str, Any]:
+    """Our own lineage: what this checkpoint was trained on, as the trainer recorded it in config.json."""
+    cfg = read_config(ckpt)
+    return {"checkpoint_path": dg.MetadataValue.path(str(ckpt)), "step": cfg.step, "shards": list(cfg.shards),
+            "num_shards": len(cfg.shards), "filter_config": cfg.filter, "source": cfg.source,
+            "manifest_hash": cfg.manifest_hash, "train_config": cfg.train}
+
+
+def _cuda_visible() -> bool:
+    return torch.cuda.is_available()

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +43,8 @@ from sd_core.data.metadata import (
     NAN_MACRO,
     FileColumns,
     MetadataError,
-    inspect_file,
     group_files,
+    inspect_file,
     normalized_select,
     sql_literal,
 )
@@ -66,6 +66,7 @@ STAGES: tuple[str, ...] = (
 STATE_FILE = "_filter.json"
 KEY_WIDTH = 5
 _KEY_RE = re.compile(r"^(\d{%d,})\.parquet$" % KEY_WIDTH)
+_COLUMNS = ", ".join(CANONICAL)  # the canonical columns, as a SQL select list
 
 
 @dataclass
@@ -98,6 +99,11 @@ class FilterReport:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def as_metadata(self) -> dict[str, Any]:
+        """This call's funnel totals as plain JSON values (what an orchestrator shows for the step)."""
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "removed_by": dict(self.removed_by),
+                "new_shards": list(self.shard_keys), "seconds": self.seconds}
 
 
 def _pred(stage: str, cfg: FilterConfig) -> str | None:
@@ -219,7 +225,33 @@ def filter_metadata(
 
 def _run(con: duckdb.DuckDBPyConnection, files: list[FileColumns], out: Path, cfg: FilterConfig,
          shard_size: int, existing: dict[str, Path]) -> FilterReport:
+    """The funnel, top to bottom: the row-level stages, de-duplication by URL, URLs already in a part; then
+    the new parts."""
     stages = active_stages(cfg)
+    counts = _stage_rows(con, files, stages)
+    removed: dict[str, int] = {name: int(counts.get(i, 0)) for i, (name, _) in enumerate(stages)}
+    survivors = int(counts.get(None, 0))
+    n_kept = _keep_survivors(con, cfg.dedup_by_url)
+    if cfg.dedup_by_url:
+        removed["dedup_url"] = survivors - n_kept
+    n_new = _drop_already_sharded(con, existing, n_kept)
+    removed["already_sharded"] = n_kept - n_new
+    written = _write_parts(con, out, shard_size, first_id=max((int(k) for k in existing), default=-1) + 1)
+    return FilterReport(
+        rows_in=int(sum(counts.values())),
+        rows_out=sum(written.values()),
+        removed_by=removed,
+        shard_keys=list(written),
+        existing_keys=list(existing),
+        inputs=[str(fc.path) for fc in files],
+        shard_rows=written,
+    )
+
+
+def _stage_rows(con: duckdb.DuckDBPyConnection, files: list[FileColumns],
+                stages: list[tuple[str, str]]) -> dict[int | None, int]:
+    """Table ``staged``: every input row tagged with the first of ``stages`` it fails (``_stage``, its index;
+    NULL: passes all). Returns rows per ``_stage``: the row-level funnel and (key None) the survivors."""
     union = "\nUNION ALL BY NAME\n".join(normalized_select([fc for _, fc in g], g[0][0]) for g in group_files(files))
     case = "CASE " + " ".join(f"WHEN NOT coalesce({pred}, false) THEN {i}" for i, (_, pred) in
                               enumerate(stages)) + " END" if stages else "CAST(NULL AS INTEGER)"
@@ -235,66 +267,62 @@ def _run(con: duckdb.DuckDBPyConnection, files: list[FileColumns], out: Path, cf
         FROM (SELECT *, {case} AS _stage FROM ({union}))
         GROUP BY ALL
     """)
-    counts = dict(con.execute("SELECT _stage, sum(_n) FROM staged GROUP BY _stage").fetchall())
-    rows_in = int(sum(counts.values()))
-    removed: dict[str, int] = {name: int(counts.get(i, 0)) for i, (name, _) in enumerate(stages)}
-    survivors = int(counts.get(None, 0))
-    cols = ", ".join(CANONICAL)
-    if cfg.dedup_by_url:
+    return dict(con.execute("SELECT _stage, sum(_n) FROM staged GROUP BY _stage").fetchall())
+
+
+def _keep_survivors(con: duckdb.DuckDBPyConnection, dedup_by_url: bool) -> int:
+    """Table ``kept``: the survivors of ``staged`` (which is dropped), with only the first row (file order,
+    then row order) of each URL if ``dedup_by_url``. Returns its row count."""
+    if dedup_by_url:
         con.execute(f"""
             CREATE TEMP TABLE kept AS
-            SELECT _file, _row, {cols} FROM staged WHERE _stage IS NULL
+            SELECT _file, _row, {_COLUMNS} FROM staged WHERE _stage IS NULL
             QUALIFY row_number() OVER (PARTITION BY url ORDER BY _file, _row) = 1
         """)
     else:
-        con.execute(f"CREATE TEMP TABLE kept AS SELECT _file, _row, {cols} FROM staged WHERE _stage IS NULL")
+        con.execute(f"CREATE TEMP TABLE kept AS SELECT _file, _row, {_COLUMNS} FROM staged WHERE _stage IS NULL")
     con.execute("DROP TABLE staged")
-    n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
-    if cfg.dedup_by_url:
-        removed["dedup_url"] = survivors - n_kept
-    if existing:
-        plist = ", ".join(sql_literal(str(p)) for p in existing.values())
-        con.execute(f"DELETE FROM kept WHERE url IN (SELECT url FROM read_parquet([{plist}]))")
-        n_new = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
-    else:
-        n_new = n_kept
-    removed["already_sharded"] = n_kept - n_new
+    return con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
 
-    next_id = max((int(k) for k in existing), default=-1) + 1
+
+def _drop_already_sharded(con: duckdb.DuckDBPyConnection, existing: dict[str, Path], n_kept: int) -> int:
+    """Delete from ``kept`` the rows whose URL is in an ``existing`` part (new input only adds shard keys);
+    return the rows left."""
+    if not existing:
+        return n_kept
+    plist = ", ".join(sql_literal(str(p)) for p in existing.values())
+    con.execute(f"DELETE FROM kept WHERE url IN (SELECT url FROM read_parquet([{plist}]))")
+    return con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
+
+
+def _write_parts(con: duckdb.DuckDBPyConnection, out: Path, shard_size: int, first_id: int) -> dict[str, int]:
+    """Write ``kept`` in input order (file, then row) as parts of ``shard_size`` rows, keyed from ``first_id``
+    on; return key → rows. We cut the parts ourselves: DuckDB's multi-file output order is not reproducible."""
+    reader = con.sql(f"SELECT {_COLUMNS} FROM kept ORDER BY _file, _row").to_arrow_reader(min(shard_size, 100_000))
     written: dict[str, int] = {}
-    reader = con.sql(f"SELECT {cols} FROM kept ORDER BY _file, _row").to_arrow_reader(
-        min(shard_size, 100_000))
-    pending: list[pa.RecordBatch] = []
-    pending_rows = 0
-
-    def flush(batches: list[pa.RecordBatch]) -> None:
-        nonlocal next_id
-        key = shard_key(next_id)
+    for n, batches in enumerate(_runs_of(reader, shard_size), start=first_id):
+        key = shard_key(n)
         table = pa.Table.from_batches(batches)
         write_parquet_atomic(table, out / f"{key}.parquet", compression="zstd")
         written[key] = table.num_rows
-        next_id += 1
+    return written
 
-    for batch in reader:
+
+def _runs_of(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[list[pa.RecordBatch]]:
+    """Regroup a stream of record batches into runs of exactly ``size`` rows (the last may be shorter)."""
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    for batch in batches:
         while batch.num_rows:
-            take = min(batch.num_rows, shard_size - pending_rows)
+            take = min(batch.num_rows, size - pending_rows)
             pending.append(batch.slice(0, take))
             pending_rows += take
             batch = batch.slice(take)
-            if pending_rows == shard_size:
-                flush(pending)
+            if pending_rows == size:
+                yield pending
                 pending, pending_rows = [], 0
     if pending_rows:
-        flush(pending)
-    return FilterReport(
-        rows_in=rows_in,
-        rows_out=sum(written.values()),
-        removed_by=removed,
-        shard_keys=list(written),
-        existing_keys=list(existing),
-        inputs=[str(fc.path) for fc in files],
-        shard_rows=written,
-    )
+        yield pending
 
 
 def _write_state(out: Path, cfg: FilterConfig, shard_size: int, report: FilterReport) -> None:

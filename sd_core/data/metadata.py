@@ -18,15 +18,16 @@ import hashlib
 import os
 import shutil
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sd_core.atomic import fsync_dir
 from sd_core.config import FilterConfig, SourceConfig
 
 # canonical name → DuckDB type of the normalised view
@@ -109,28 +110,31 @@ def _match(names: list[str], canonical: str) -> str | None:
     return None
 
 
-def read_schema(path: str | os.PathLike[str]) -> pa.Schema:
-    """`pq.read_schema` with a clear error for missing or non-parquet files."""
+def read_schema(path: str | os.PathLike[str], origin: str | None = None) -> pa.Schema:
+    """`pq.read_schema` with a clear error for missing or non-parquet files; ``origin`` names the file in that
+    error where ``path`` is only a staged copy (default: ``path``)."""
     p = Path(path)
+    shown = origin or str(p)
     if not p.is_file():
-        raise MetadataError(f"metadata file {p} does not exist")
+        raise MetadataError(f"metadata file {shown} does not exist")
     try:
         return pq.read_schema(p)
     except (pa.ArrowInvalid, OSError) as e:
-        raise MetadataError(f"{p} is not a readable parquet file ({type(e).__name__}: {e})") from e
+        raise MetadataError(f"{shown} is not a readable parquet file ({type(e).__name__}: {e})") from e
 
 
-def inspect_file(path: str | os.PathLike[str], cfg: FilterConfig) -> FileColumns:
-    """Map one file's columns to the canonical schema; raise `MetadataError` naming the file and the column
-    when a configured filter needs a column the file lacks."""
+def inspect_file(path: str | os.PathLike[str], cfg: FilterConfig, origin: str | None = None) -> FileColumns:
+    """Map one file's columns to the canonical schema; raise `MetadataError` naming the file (``origin``, where
+    ``path`` is only a staged copy) and the column when a configured filter needs a column the file lacks."""
     p = Path(path)
-    schema = read_schema(p)
+    shown = origin or str(p)
+    schema = read_schema(p, origin)
     names = [n for n in schema.names if not n.startswith("__index_level_")]
     cols = {c: _match(names, c) for c in CANONICAL}
     for canon, why in required_columns(cfg).items():
         if cols[canon] is None:
             raise MetadataError(
-                f"metadata file {p} lacks column {canon!r} (looked for {', '.join(ALIASES[canon])}), which "
+                f"metadata file {shown} lacks column {canon!r} (looked for {', '.join(ALIASES[canon])}), which "
                 f"{why} needs; its columns are {names}. Disable that filter (set it to null) or use another source."
             )
     safety: str | None = None
@@ -141,7 +145,7 @@ def inspect_file(path: str | os.PathLike[str], cfg: FilterConfig) -> FileColumns
             safety = "punsafe"
         else:
             raise MetadataError(
-                f"metadata file {p} lacks column 'punsafe' (or the laion2B-en 'NSFW' string column), which "
+                f"metadata file {shown} lacks column 'punsafe' (or the laion2B-en 'NSFW' string column), which "
                 f"filter.max_punsafe / filter.nsfw_allowed need; its columns are {names}. Set filter.max_punsafe "
                 f"to null and filter.nsfw_allowed to [] to disable the safety filter."
             )
@@ -224,6 +228,14 @@ class SourceFiles:
     schema: str  # the first file's arrow schema, as text
     removed: list[Path]  # stale files of an earlier source, removed
     synthetic: dict[str, Any] | None = None  # what the synthetic generator planted
+
+    def as_metadata(self) -> dict[str, Any]:
+        """What was fetched, as plain JSON values (what an orchestrator shows for the step)."""
+        out: dict[str, Any] = {"files": [str(f) for f in self.files], "num_files": len(self.files),
+                               "rows": self.rows, "bytes": self.bytes}
+        if self.synthetic:
+            out["synthetic_planted"] = self.synthetic
+        return out
 
 
 def list_parquet(uri: str) -> list[str]:
@@ -309,6 +321,16 @@ def _remote_files(uri: str) -> list[tuple[str, Callable[[Path], None]]]:
     return [(p, copier(p)) for p in paths]
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """One source file in the staging folder: its name in ``metadata/``, the staged copy, and where it came
+    from (what error messages name)."""
+
+    name: str
+    path: Path
+    origin: str
+
+
 def fetch_source(
     source: SourceConfig,
     filter_cfg: FilterConfig,
@@ -327,81 +349,113 @@ def fetch_source(
     staging = metadata_dir / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    synthetic_info = None
     try:
-        staged: list[tuple[str, Path]] = []  # (final name, staged path)
-        origin: dict[str, str] = {}  # final name → where it came from (for error messages)
-        if source.kind == "synthetic":
-            if synthetic_writer is None:
-                raise MetadataError("synthetic source needs a synthetic_writer")
-            dest = staging / SYNTHETIC_FILE
-            synthetic_info = synthetic_writer(dest)
-            staged.append((SYNTHETIC_FILE, dest))
-            origin[SYNTHETIC_FILE] = f"synthetic source ({SYNTHETIC_FILE})"
-        elif source.kind in ("parquet", "hf"):
-            if not source.uri:
-                raise MetadataError(f"source.kind={source.kind!r} needs source.uri")
-            if source.kind == "hf":
-                copies = [(f, _local_copier(f)) for f in download_hf(source.uri, source.hf_revision, cache_dir)]
-            elif source.uri.startswith(("http://", "https://")):
-                copies = [(source.uri, lambda d, u=source.uri: _download_url(u, d))]
-            elif "://" in source.uri and not source.uri.startswith("file://"):
-                copies = _remote_files(source.uri)
-            else:
-                local = source.uri.removeprefix("file://")
-                copies = [(f, _local_copier(f)) for f in list_parquet(local)]
-            names = [Path(src.split("?")[0]).name or "source.parquet" for src, _ in copies]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise MetadataError(f"metadata source {source.uri!r} has several files named {dupes}; "
-                                    f"metadata/ keeps one flat folder, so file names must be unique")
-            for (src, copy), name in zip(copies, names):
-                if not name.endswith(".parquet"):
-                    name += ".parquet"
-                dest = staging / name
-                try:
-                    copy(dest)
-                except OSError as e:
-                    raise MetadataError(f"cannot read metadata file {src}: {e}") from e
-                staged.append((name, dest))
-                origin[name] = src
-        else:
-            raise MetadataError(f"unknown source.kind {source.kind!r}; expected synthetic, parquet or hf")
-
-        inspected = []
-        for name, path in staged:
-            try:
-                inspected.append(inspect_file(path, filter_cfg))
-            except MetadataError as e:  # name the source file, not the staging copy
-                raise MetadataError(str(e).replace(str(path), origin[name])) from e
-        total = sum(fc.rows for fc in inspected)
-        if total == 0:
-            what = "synthetic source" if source.kind == "synthetic" else f"metadata source {source.uri!r}"
-            raise MetadataError(f"{what} is empty ({', '.join(origin.values())}): "
-                                f"{len(inspected)} file(s), 0 rows")
-
-        final: list[Path] = []
-        for name, path in staged:
-            target = metadata_dir / name
-            os.replace(path, target)
-            final.append(target)
-        keep = {p.name for p in final}
-        removed = []
-        for old in sorted(metadata_dir.glob("*.parquet")):
-            if old.name not in keep:
-                old.unlink()
-                removed.append(old)
+        staged, synthetic_info = _stage_source(source, staging, cache_dir, synthetic_writer)
+        inspected = _inspect_staged(staged, filter_cfg, source)
+        final = _move_into(metadata_dir, staged)
+        removed = _remove_stale(metadata_dir, keep={p.name for p in final})
         return SourceFiles(
             files=final,
-            rows=total,
+            rows=sum(fc.rows for fc in inspected),
             bytes=sum(fc.bytes for fc in inspected),
-            columns={name: fc.columns for (name, _), fc in zip(staged, inspected)},
+            columns={f.name: fc.columns for f, fc in zip(staged, inspected)},
             schema=inspected[0].schema.remove_metadata().to_string(show_schema_metadata=False),
             removed=removed,
             synthetic=synthetic_info,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _stage_source(source: SourceConfig, staging: Path, cache_dir: Path,
+                  synthetic_writer: Callable[[Path], dict[str, Any]] | None,
+                  ) -> tuple[list[_Staged], dict[str, Any] | None]:
+    """Write (synthetic) or copy (parquet, hf) every file of ``source`` into ``staging``; also return what the
+    synthetic generator planted (None for the other kinds)."""
+    match source.kind:
+        case "synthetic":
+            if synthetic_writer is None:
+                raise MetadataError("synthetic source needs a synthetic_writer")
+            dest = staging / SYNTHETIC_FILE
+            info = synthetic_writer(dest)
+            return [_Staged(SYNTHETIC_FILE, dest, f"synthetic source ({SYNTHETIC_FILE})")], info
+        case "parquet":
+            uri = _required_uri(source)
+            return _stage_copies(_parquet_copies(uri), staging, uri), None
+        case "hf":
+            uri = _required_uri(source)
+            files = download_hf(uri, source.hf_revision, cache_dir)
+            return _stage_copies([(f, _local_copier(f)) for f in files], staging, uri), None
+        case _:
+            raise MetadataError(f"unknown source.kind {source.kind!r}; expected synthetic, parquet or hf")
+
+
+def _required_uri(source: SourceConfig) -> str:
+    if not source.uri:
+        raise MetadataError(f"source.kind={source.kind!r} needs source.uri")
+    return source.uri
+
+
+def _parquet_copies(uri: str) -> list[tuple[str, Callable[[Path], None]]]:
+    """A parquet source's files, each with the function that copies it to a given path, by what ``uri`` is:
+    an http(s) URL, a pyarrow filesystem URI (s3://, gs://, …) or a local file, folder or glob."""
+    if uri.startswith(("http://", "https://")):
+        return [(uri, lambda dest: _download_url(uri, dest))]
+    if "://" in uri and not uri.startswith("file://"):
+        return _remote_files(uri)
+    return [(f, _local_copier(f)) for f in list_parquet(uri.removeprefix("file://"))]
+
+
+def _stage_copies(copies: list[tuple[str, Callable[[Path], None]]], staging: Path, uri: str) -> list[_Staged]:
+    """Copy each file into ``staging`` under its base name, which must be unique: ``metadata/`` is flat."""
+    names = [Path(src.split("?")[0]).name or "source.parquet" for src, _ in copies]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise MetadataError(f"metadata source {uri!r} has several files named {dupes}; "
+                            f"metadata/ keeps one flat folder, so file names must be unique")
+    staged = []
+    for (src, copy), name in zip(copies, names):
+        if not name.endswith(".parquet"):
+            name += ".parquet"
+        dest = staging / name
+        try:
+            copy(dest)
+        except OSError as e:
+            raise MetadataError(f"cannot read metadata file {src}: {e}") from e
+        staged.append(_Staged(name, dest, src))
+    return staged
+
+
+def _inspect_staged(staged: list[_Staged], filter_cfg: FilterConfig, source: SourceConfig) -> list[FileColumns]:
+    """Check every staged file against the configured filters (errors name the source file, not the staged
+    copy) and that the source has at least one row."""
+    inspected = [inspect_file(f.path, filter_cfg, origin=f.origin) for f in staged]
+    if sum(fc.rows for fc in inspected) == 0:
+        what = "synthetic source" if source.kind == "synthetic" else f"metadata source {source.uri!r}"
+        raise MetadataError(f"{what} is empty ({', '.join(f.origin for f in staged)}): "
+                            f"{len(inspected)} file(s), 0 rows")
+    return inspected
+
+
+def _move_into(metadata_dir: Path, staged: list[_Staged]) -> list[Path]:
+    """Rename the validated files into ``metadata_dir`` (same filesystem: each rename is atomic)."""
+    final = []
+    for f in staged:
+        target = metadata_dir / f.name
+        os.replace(f.path, target)
+        final.append(target)
+    fsync_dir(metadata_dir)
+    return final
+
+
+def _remove_stale(metadata_dir: Path, keep: set[str]) -> list[Path]:
+    """Delete the parquet files of an earlier source that the new one does not have."""
+    removed = []
+    for old in sorted(metadata_dir.glob("*.parquet")):
+        if old.name not in keep:
+            old.unlink()
+            removed.append(old)
+    return removed
 
 
 def _local_copier(src: str) -> Callable[[Path], None]:

@@ -33,18 +33,23 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sd_core.atomic import fsync_dir
 from sd_core.config import DownloadConfig
 
 # Metadata columns carried into each sample's json (only those present in the part are passed: img2dataset
 # crashes on a save_additional_columns entry that is not in its input).
 EXTRA_COLUMNS = ("hash", "similarity", "aesthetic", "punsafe", "pwatermark", "nsfw", "source_url")
+
+# Inside a shard's work folder: img2dataset's output folder and its log.
+_OUTPUT_FOLDER = "out"
+_LOG_FILE = "img2dataset.log"
 
 
 class ShardDownloadError(RuntimeError):
@@ -76,10 +81,12 @@ class ShardReport:
     def success_rate(self) -> float:
         return self.successes / self.rows if self.rows else 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["success_rate"] = round(self.success_rate, 4)
-        return d
+    def as_metadata(self) -> dict[str, Any]:
+        """The download's counts and speed as plain JSON values (what an orchestrator shows for the step)."""
+        return {"rows": self.rows, "successes": self.successes, "success_rate": round(self.success_rate, 4),
+                "failed_to_download": self.failed_to_download, "failed_to_resize": self.failed_to_resize,
+                "failures_by_reason": dict(self.failures), "bytes": self.bytes,
+                "images_per_s": round(self.successes / max(self.seconds, 1e-9), 1), "seconds": self.seconds}
 
 
 def shard_paths(shards_dir: Path, shard: str) -> dict[str, Path]:
@@ -101,7 +108,8 @@ def failure_reason(message: str | None) -> str:
     return _URLISH.sub("<url>", lines[0] if lines else "unknown")[:120]
 
 
-def prepare_url_file(part: Path, dest: Path, rewrite: Callable[[str | None], str | None] | None) -> tuple[int, list[str]]:
+def prepare_url_file(part: Path, dest: Path,
+                     rewrite: Callable[[str | None], str | None] | None) -> tuple[int, list[str]]:
     """Write img2dataset's input parquet: ``url`` (rewritten for the loopback server if asked), ``caption``
     and the extra metadata columns the part has. Returns (rows, extra column names)."""
     table = pq.read_table(part)
@@ -191,7 +199,7 @@ def run_img2dataset(args: dict[str, Any], workdir: Path, cfg: DownloadConfig,
     """Run img2dataset with ``args`` in a child process (own session), under the watchdog."""
     args_file = workdir / "args.json"
     args_file.write_text(json.dumps(args))
-    log_path = workdir / "img2dataset.log"
+    log_path = workdir / _LOG_FILE
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
@@ -202,28 +210,7 @@ def run_img2dataset(args: dict[str, Any], workdir: Path, cfg: DownloadConfig,
         if log:
             log(f"img2dataset started: pid {proc.pid}, its own session and process group")
         try:
-            start = last_change = time.monotonic()
-            last_progress = -1
-            while True:
-                try:
-                    rc = proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                now = time.monotonic()
-                progress = _folder_progress(Path(args["output_folder"])) + log_path.stat().st_size
-                if progress != last_progress:
-                    last_progress, last_change = progress, now
-                elif now - last_change > cfg.watchdog_s:
-                    _kill_group(proc)
-                    raise ShardDownloadError(
-                        f"img2dataset made no progress for {cfg.watchdog_s:.0f} s (watchdog_s); killed it. "
-                        f"Log tail:\n{_tail(log_path)}")
-                if cfg.max_runtime_s is not None and now - start > cfg.max_runtime_s:
-                    _kill_group(proc)
-                    raise ShardDownloadError(
-                        f"img2dataset ran longer than max_runtime_s={cfg.max_runtime_s:.0f} s; killed it. "
-                        f"Log tail:\n{_tail(log_path)}")
+            rc = _wait_watched(proc, Path(args["output_folder"]), log_path, cfg)
         except BaseException:
             _kill_group(proc)
             raise
@@ -232,6 +219,32 @@ def run_img2dataset(args: dict[str, Any], workdir: Path, cfg: DownloadConfig,
         log(_tail(log_path, 2000))
     if rc != 0:
         raise ShardDownloadError(f"img2dataset exited with code {rc}. Log tail:\n{_tail(log_path)}")
+
+
+def _wait_watched(proc: subprocess.Popen[bytes], output_folder: Path, log_path: Path, cfg: DownloadConfig) -> int:
+    """Wait for ``proc`` and return its exit code; kill its group and raise `ShardDownloadError` when neither
+    ``output_folder`` nor the log grew for ``cfg.watchdog_s`` or it ran past ``cfg.max_runtime_s``."""
+    start = last_change = time.monotonic()
+    last_progress = -1
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        progress = _folder_progress(output_folder) + log_path.stat().st_size
+        if progress != last_progress:
+            last_progress, last_change = progress, now
+        elif now - last_change > cfg.watchdog_s:
+            _kill_group(proc)
+            raise ShardDownloadError(
+                f"img2dataset made no progress for {cfg.watchdog_s:.0f} s (watchdog_s); killed it. "
+                f"Log tail:\n{_tail(log_path)}")
+        if cfg.max_runtime_s is not None and now - start > cfg.max_runtime_s:
+            _kill_group(proc)
+            raise ShardDownloadError(
+                f"img2dataset ran longer than max_runtime_s={cfg.max_runtime_s:.0f} s; killed it. "
+                f"Log tail:\n{_tail(log_path)}")
 
 
 def _tail(path: Path, n: int = 4000) -> str:
@@ -266,53 +279,18 @@ def download_shard(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        url_file = work / "urls.parquet"
-        rows, extras = prepare_url_file(part, url_file, rewrite)
-        if rows == 0:
-            raise NoImagesError(f"shard {shard}: filtered part {part} has no rows")
-        i2d_out = work / "out"
-        args = {
-            "url_list": str(url_file),
-            "input_format": "parquet",
-            "url_col": "url",
-            "caption_col": "caption",
-            "save_additional_columns": extras,
-            "output_format": "webdataset",
-            "output_folder": str(i2d_out),
-            "image_size": cfg.image_size,
-            "resize_mode": cfg.resize_mode,
-            "encode_quality": cfg.encode_quality,
-            "processes_count": cfg.processes_count,
-            "thread_count": cfg.thread_count,
-            "timeout": cfg.timeout_s,
-            "retries": cfg.retries,
-            "number_sample_per_shard": max(rows, 1),
-            "distributor": "multiprocessing",
-            "enable_wandb": False,
-            "incremental_mode": "incremental",  # a fresh folder each run ("overwrite" deletes its own _tmp: 1.47 bug)
-            "compute_hash": None,
-        }
+        rows, args = _prepare_work(part, work, shard, cfg, rewrite)
         run_img2dataset(args, work, cfg, log)
-        produced = {"tar": i2d_out / "00000.tar", "parquet": i2d_out / "00000.parquet",
-                    "stats": i2d_out / "00000_stats.json"}
-        missing = [str(p) for p in produced.values() if not p.is_file()]
-        if missing:
-            raise ShardDownloadError(f"shard {shard}: img2dataset finished without writing {missing}. "
-                                     f"Log tail:\n{_tail(work / 'img2dataset.log')}")
+        produced = _produced_files(work, shard)
         stats = json.loads(produced["stats"].read_text())
-        result = pq.read_table(produced["parquet"], columns=["status", "error_message"]).to_pylist()
-        failures = Counter(failure_reason(r["error_message"]) for r in result if r["status"] != "success")
-        successes = sum(1 for r in result if r["status"] == "success")
+        successes, failures = _outcomes(produced["parquet"])
         if successes == 0:
             top = ", ".join(f"{n}× {reason}" for reason, n in failures.most_common(5)) or "no rows"
             raise NoImagesError(
                 f"shard {shard}: 0 of {rows} images downloaded; failures: {top}. Nothing was written to "
                 f"{out_dir}; check the URLs in {part} and the network.")
         final = shard_paths(out_dir, shard)
-        sizes = {}
-        for kind in ("tar", "parquet", "stats"):  # stats last: its presence marks a complete shard
-            sizes[kind] = produced[kind].stat().st_size
-            os.replace(produced[kind], final[kind])
+        sizes = _commit_shard(produced, final)
         return ShardReport(
             shard=shard,
             rows=rows,
@@ -329,6 +307,67 @@ def download_shard(
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_work(part: Path, work: Path, shard: str, cfg: DownloadConfig,
+                  rewrite: Callable[[str | None], str | None] | None) -> tuple[int, dict[str, Any]]:
+    """Write img2dataset's input file into ``work``; return its row count and img2dataset's arguments."""
+    url_file = work / "urls.parquet"
+    rows, extras = prepare_url_file(part, url_file, rewrite)
+    if rows == 0:
+        raise NoImagesError(f"shard {shard}: filtered part {part} has no rows")
+    args = {
+        "url_list": str(url_file),
+        "input_format": "parquet",
+        "url_col": "url",
+        "caption_col": "caption",
+        "save_additional_columns": extras,
+        "output_format": "webdataset",
+        "output_folder": str(work / _OUTPUT_FOLDER),
+        "image_size": cfg.image_size,
+        "resize_mode": cfg.resize_mode,
+        "encode_quality": cfg.encode_quality,
+        "processes_count": cfg.processes_count,
+        "thread_count": cfg.thread_count,
+        "timeout": cfg.timeout_s,
+        "retries": cfg.retries,
+        "number_sample_per_shard": max(rows, 1),  # the whole part in one img2dataset shard, 00000
+        "distributor": "multiprocessing",
+        "enable_wandb": False,
+        "incremental_mode": "incremental",  # a fresh folder each run ("overwrite" deletes its own _tmp: 1.47 bug)
+        "compute_hash": None,
+    }
+    return rows, args
+
+
+def _produced_files(work: Path, shard: str) -> dict[str, Path]:
+    """img2dataset's tar, parquet and stats in ``work``; `ShardDownloadError` if it exited without one."""
+    out = work / _OUTPUT_FOLDER
+    produced = {"tar": out / "00000.tar", "parquet": out / "00000.parquet", "stats": out / "00000_stats.json"}
+    missing = [str(p) for p in produced.values() if not p.is_file()]
+    if missing:
+        raise ShardDownloadError(f"shard {shard}: img2dataset finished without writing {missing}. "
+                                 f"Log tail:\n{_tail(work / _LOG_FILE)}")
+    return produced
+
+
+def _outcomes(result_parquet: Path) -> tuple[int, Counter[str]]:
+    """From img2dataset's per-row results: the successes, and the failures counted by `failure_reason`."""
+    result = pq.read_table(result_parquet, columns=["status", "error_message"]).to_pylist()
+    failures = Counter(failure_reason(r["error_message"]) for r in result if r["status"] != "success")
+    successes = sum(1 for r in result if r["status"] == "success")
+    return successes, failures
+
+
+def _commit_shard(produced: dict[str, Path], final: dict[str, Path]) -> dict[str, int]:
+    """Rename img2dataset's outputs to the shard key's names (atomic, and a re-run replaces them whole);
+    return their sizes."""
+    sizes = {}
+    for kind in ("tar", "parquet", "stats"):  # stats last: its presence marks a complete shard
+        sizes[kind] = produced[kind].stat().st_size
+        os.replace(produced[kind], final[kind])
+    fsync_dir(final["stats"].parent)
+    return sizes
 
 
 def _main(argv: list[str]) -> int:

@@ -204,6 +204,107 @@ def plant_counts(rows: int) -> tuple[dict[str, int], int, int]:
     return planted, missing, corrupt
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """The filter thresholds the generated rows are placed around: ``cfg``'s, or a fixed stand-in where a
+    filter is disabled (every row still needs values on a known side of some threshold)."""
+
+    min_side: int
+    aesthetic: float
+    similarity: float
+    pwatermark: float
+    punsafe: float
+    aspect: tuple[float, float]
+    caption_len: tuple[int, int]
+
+    @classmethod
+    def of(cls, cfg: FilterConfig, image_size: int) -> _Limits:
+        def given(value: Any, default: Any) -> Any:
+            return value if value is not None else default
+
+        return cls(
+            min_side=max(image_size, cfg.min_side or 0),
+            aesthetic=given(cfg.min_aesthetic, 5.0),
+            similarity=given(cfg.min_similarity, 0.25),
+            pwatermark=given(cfg.max_pwatermark, 0.5),
+            punsafe=given(cfg.max_punsafe, 0.5),
+            aspect=(given(cfg.min_aspect, 0.5), given(cfg.max_aspect, 2.0)),
+            caption_len=(given(cfg.min_caption_len, 20), given(cfg.max_caption_len, 300)),
+        )
+
+
+@dataclass
+class _RowSampler:
+    """Draws metadata rows from one seeded generator. Every row, clean or spoiled, consumes the generator in a
+    fixed order, which is what makes the whole file reproducible from the seed."""
+
+    rng: np.random.Generator
+    limits: _Limits
+    base_url: str
+
+    def good(self, i: int, kind: str = "shapes") -> dict[str, Any]:
+        """A row that passes every filter; ``kind`` picks what its URL serves (shapes, missing, corrupt)."""
+        rng, lim = self.rng, self.limits
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        color = list(COLORS)[rng.integers(len(COLORS))]
+        bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+        w = int(round(lim.min_side * rng.uniform(1.0, 1.5)))
+        h = int(round(min(max(w / rng.uniform(0.8, 1.25), lim.min_side), 1.5 * lim.min_side)))
+        return {
+            "URL": shape_url(shape, color, bg, w, h, i, base_url=self.base_url, kind=kind),
+            "TEXT": caption(shape, color, bg),
+            "WIDTH": w,
+            "HEIGHT": h,
+            "similarity": float(rng.uniform(lim.similarity + 0.01, lim.similarity + 0.12)),
+            "punsafe": float(rng.uniform(0.0, 0.8 * lim.punsafe)),
+            "pwatermark": float(rng.uniform(0.0, 0.8 * lim.pwatermark)),
+            "aesthetic": float(rng.uniform(lim.aesthetic + 0.05, lim.aesthetic + 1.5)),
+        }
+
+    def spoil(self, row: dict[str, Any], stage: str, nth: int) -> dict[str, Any]:
+        """Make ``row`` fail ``stage`` (the first planted row of a numeric stage gets a NULL instead)."""
+        rng, lim = self.rng, self.limits
+        if stage == "url":
+            row["URL"] = None
+        elif stage == "min_aesthetic":
+            row["aesthetic"] = None if nth == 0 else float(lim.aesthetic - rng.uniform(0.1, 2.0))
+        elif stage == "min_similarity":
+            row["similarity"] = None if nth == 0 else float(lim.similarity - rng.uniform(0.01, 0.1))
+        elif stage == "min_side":
+            small = int(rng.integers(max(1, lim.min_side // 2), lim.min_side))
+            row["WIDTH" if nth % 2 else "HEIGHT"] = small
+            if nth == 0:
+                row["WIDTH"] = None
+        elif stage == "aspect":
+            lo, hi = lim.aspect
+            if nth % 2:
+                row["WIDTH"] = int(row["HEIGHT"] * hi * rng.uniform(1.1, 1.5)) + 1
+            else:
+                row["HEIGHT"] = int(row["WIDTH"] / (lo * rng.uniform(0.6, 0.9))) + 1
+        elif stage == "caption_len":
+            lo, hi = lim.caption_len
+            if nth == 0:
+                row["TEXT"] = None
+            elif nth % 2:
+                row["TEXT"] = row["TEXT"][: max(0, lo - 1)].rstrip()
+            else:
+                row["TEXT"] = ", ".join([row["TEXT"]] * (hi // len(row["TEXT"]) + 2))
+        elif stage == "max_pwatermark":
+            row["pwatermark"] = None if nth == 0 else float(rng.uniform(lim.pwatermark, 1.0))
+        elif stage == "safety":
+            row["punsafe"] = None if nth == 0 else float(rng.uniform(lim.punsafe, 1.0))
+        else:  # pragma: no cover
+            raise AssertionError(stage)
+        return row
+
+
+_LAION_SCHEMA = pa.schema([
+    ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int32()), ("HEIGHT", pa.int32()),
+    ("similarity", pa.float64()), ("hash", pa.int64()), ("punsafe", pa.float32()),
+    ("pwatermark", pa.float32()), ("aesthetic", pa.float32()),
+])
+
+
 def generate_synthetic(
     out_path: str | os.PathLike[str],
     rows: int,
@@ -224,109 +325,59 @@ def generate_synthetic(
     cfg = filter_config or FilterConfig(min_side=image_size)
     planted, n_missing, n_corrupt = plant_counts(rows)
     rng = np.random.default_rng(seed)
-
-    min_side = max(image_size, cfg.min_side or 0)
-    thr_aes = cfg.min_aesthetic if cfg.min_aesthetic is not None else 5.0
-    thr_sim = cfg.min_similarity if cfg.min_similarity is not None else 0.25
-    max_wm = cfg.max_pwatermark if cfg.max_pwatermark is not None else 0.5
-    max_unsafe = cfg.max_punsafe if cfg.max_punsafe is not None else 0.5
-
-    def good_row(i: int, kind: str = "shapes") -> dict[str, Any]:
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        color = list(COLORS)[rng.integers(len(COLORS))]
-        bg = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-        w = int(round(min_side * rng.uniform(1.0, 1.5)))
-        h = int(round(min(max(w / rng.uniform(0.8, 1.25), min_side), 1.5 * min_side)))
-        text = caption(shape, color, bg)
-        return {
-            "URL": shape_url(shape, color, bg, w, h, i, base_url=base_url, kind=kind),
-            "TEXT": text,
-            "WIDTH": w,
-            "HEIGHT": h,
-            "similarity": float(rng.uniform(thr_sim + 0.01, thr_sim + 0.12)),
-            "punsafe": float(rng.uniform(0.0, 0.8 * max_unsafe)),
-            "pwatermark": float(rng.uniform(0.0, 0.8 * max_wm)),
-            "aesthetic": float(rng.uniform(thr_aes + 0.05, thr_aes + 1.5)),
-        }
-
-    def spoil(row: dict[str, Any], stage: str, nth: int) -> dict[str, Any]:
-        """Make ``row`` fail ``stage`` (the first planted row of a numeric stage gets a NULL instead)."""
-        if stage == "url":
-            row["URL"] = None
-        elif stage == "min_aesthetic":
-            row["aesthetic"] = None if nth == 0 else float(thr_aes - rng.uniform(0.1, 2.0))
-        elif stage == "min_similarity":
-            row["similarity"] = None if nth == 0 else float(thr_sim - rng.uniform(0.01, 0.1))
-        elif stage == "min_side":
-            small = int(rng.integers(max(1, min_side // 2), min_side))
-            row["WIDTH" if nth % 2 else "HEIGHT"] = small
-            if nth == 0:
-                row["WIDTH"] = None
-        elif stage == "aspect":
-            lo = cfg.min_aspect if cfg.min_aspect is not None else 0.5
-            hi = cfg.max_aspect if cfg.max_aspect is not None else 2.0
-            if nth % 2:
-                row["WIDTH"] = int(row["HEIGHT"] * hi * rng.uniform(1.1, 1.5)) + 1
-            else:
-                row["HEIGHT"] = int(row["WIDTH"] / (lo * rng.uniform(0.6, 0.9))) + 1
-        elif stage == "caption_len":
-            lo = cfg.min_caption_len if cfg.min_caption_len is not None else 20
-            hi = cfg.max_caption_len if cfg.max_caption_len is not None else 300
-            if nth == 0:
-                row["TEXT"] = None
-            elif nth % 2:
-                row["TEXT"] = row["TEXT"][: max(0, lo - 1)].rstrip()
-            else:
-                reps = hi // len(row["TEXT"]) + 2
-                row["TEXT"] = ", ".join([row["TEXT"]] * reps)
-        elif stage == "max_pwatermark":
-            row["pwatermark"] = None if nth == 0 else float(rng.uniform(max_wm, 1.0))
-        elif stage == "safety":
-            row["punsafe"] = None if nth == 0 else float(rng.uniform(max_unsafe, 1.0))
-        else:  # pragma: no cover
-            raise AssertionError(stage)
-        return row
-
-    body: list[dict[str, Any]] = []
+    sampler = _RowSampler(rng, _Limits.of(cfg, image_size), base_url)
+    # Rows are drawn in this order (clean, planted rejects, broken URLs), then shuffled: the seed fixes all.
     n_good = rows - sum(planted.values()) - n_missing - n_corrupt
-    good_rows = [good_row(i) for i in range(n_good)]
-    body.extend(good_rows)
-    i = n_good
+    good = [sampler.good(i) for i in range(n_good)]
+    rejects = _planted_rejects(sampler, planted, first_id=n_good)
+    broken = _broken_urls(sampler, n_missing, n_corrupt, first_id=n_good + len(rejects))
+    table_rows = _shuffle_with_duplicates(rng, good, good + rejects + broken, planted["dedup_url"])
+    manifest = SyntheticManifest(path=Path(out_path), rows=len(table_rows), seed=seed, good=n_good,
+                                 missing=n_missing, corrupt=n_corrupt, planted=planted)
+    write_parquet_atomic(_laion_table(table_rows, manifest), Path(out_path))
+    return manifest
+
+
+def _planted_rejects(sampler: _RowSampler, planted: dict[str, int], first_id: int) -> list[dict[str, Any]]:
+    """The rows each row-level stage must drop, in funnel order (``dedup_url``'s are copies, added later)."""
+    rejects = []
     for stage, n in planted.items():
         if stage == "dedup_url":
             continue
         for k in range(n):
-            body.append(spoil(good_row(i), stage, k))
-            i += 1
-    for kind, n in (("missing", n_missing), ("corrupt", n_corrupt)):
-        for _ in range(n):
-            body.append(good_row(i, kind=kind))
-            i += 1
-    order = rng.permutation(len(body))
-    table_rows = [body[j] for j in order]
-    # Duplicates: exact copies of good rows, each inserted somewhere after its original.
-    pos = {id(r): p for p, r in enumerate(table_rows)}
-    sources = rng.choice(n_good, size=planted["dedup_url"], replace=False)
-    inserts = sorted(((int(rng.integers(pos[id(good_rows[s])] + 1, len(table_rows) + 1)), int(s))
-                      for s in sources), reverse=True)
-    for at, s in inserts:
-        table_rows.insert(at, dict(good_rows[s]))
+            rejects.append(sampler.spoil(sampler.good(first_id + len(rejects)), stage, k))
+    return rejects
 
+
+def _broken_urls(sampler: _RowSampler, missing: int, corrupt: int, first_id: int) -> list[dict[str, Any]]:
+    """Rows that pass every filter but whose URL answers 404 (``missing``) or serves corrupt bytes."""
+    kinds = ["missing"] * missing + ["corrupt"] * corrupt
+    return [sampler.good(first_id + k, kind=kind) for k, kind in enumerate(kinds)]
+
+
+def _shuffle_with_duplicates(rng: np.random.Generator, good: list[dict[str, Any]], body: list[dict[str, Any]],
+                             n_dupes: int) -> list[dict[str, Any]]:
+    """``body`` in a seeded random order, plus ``n_dupes`` exact copies of distinct ``good`` rows, each
+    inserted somewhere after its original (so de-duplication keeps the original)."""
+    shuffled = [body[j] for j in rng.permutation(len(body))]
+    pos = {id(r): p for p, r in enumerate(shuffled)}
+    sources = rng.choice(len(good), size=n_dupes, replace=False)
+    inserts = sorted(((int(rng.integers(pos[id(good[s])] + 1, len(shuffled) + 1)), int(s)) for s in sources),
+                     reverse=True)
+    for at, s in inserts:
+        shuffled.insert(at, dict(good[s]))
+    return shuffled
+
+
+def _laion_table(table_rows: list[dict[str, Any]], manifest: SyntheticManifest) -> pa.Table:
+    """The rows as a LAION-schema table, each with its ``hash``, and the manifest (less its path, so the bytes
+    are the same wherever the file is written) in the key-value metadata `read_manifest` reads."""
     for r in table_rows:
         r["hash"] = _hash64(r["URL"], r["TEXT"])
-    schema = pa.schema([
-        ("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int32()), ("HEIGHT", pa.int32()),
-        ("similarity", pa.float64()), ("hash", pa.int64()), ("punsafe", pa.float32()),
-        ("pwatermark", pa.float32()), ("aesthetic", pa.float32()),
-    ])
-    table = pa.Table.from_pylist(table_rows, schema=schema)
-    manifest = SyntheticManifest(path=Path(out_path), rows=len(table_rows), seed=seed, good=n_good,
-                                 missing=n_missing, corrupt=n_corrupt, planted=planted)
-    stored = {k: v for k, v in manifest.to_json().items() if k != "path"}  # same bytes wherever written
+    table = pa.Table.from_pylist(table_rows, schema=_LAION_SCHEMA)
+    stored = {k: v for k, v in manifest.to_json().items() if k != "path"}
     meta = {b"sd_pipeline.synthetic": json.dumps(stored).encode()}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    write_parquet_atomic(table, Path(out_path))
-    return manifest
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -39,6 +39,8 @@ import torch
 
 from sd_core.atomic import atomic_dir
 from sd_core.config import Profile
+from sd_core.data.synthetic import vocabulary
+from sd_core.encoding import vae_fit
 
 BUILD_FILE = "build.json"
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
@@ -245,8 +247,6 @@ def tiny_build_settings(profile: Profile) -> dict[str, Any]:
 
 
 def _vocabulary() -> list[str]:
-    from sd_core.data.synthetic import vocabulary
-
     return list(vocabulary())
 
 
@@ -320,24 +320,48 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
     build info: settings, sources, parameter counts, VAE fit steps/seconds, reconstruction PSNR and colour
     fidelity on held-out renders, the measured scaling factor and a digest of the weights.
     """
-    from sd_core.encoding import vae_fit
-
     c = profile.components
-    out = profile.components_dir
     settings = tiny_build_settings(profile)
-    info = read_build_info(out)
+    info = read_build_info(profile.components_dir)
     if info and not force and info.get("settings") == settings:
         return info
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
-    words = settings["vocabulary"]
-    tok = build_tiny_tokenizer(words, c.max_length)
+    tok = build_tiny_tokenizer(settings["vocabulary"], c.max_length)
     te = build_tiny_text_encoder(len(tok), profile.unet.ctx_dim, c.tiny_text_layers, c.tiny_text_heads,
                                  c.max_length, c.seed)
     vae = build_tiny_vae(c.tiny_vae_channels, c.tiny_vae_layers_per_block, profile.encode.resolution, c.seed,
                          c.tiny_vae_norm_groups)
     budget = c.vae_fit_seconds if fit_seconds is None else fit_seconds
+    fit, report, std = _fit_and_scale_vae(vae, profile, budget, log)
+    info = {
+        "profile": profile.name,
+        "settings": settings,
+        "params": {"vae": sum(p.numel() for p in vae.parameters()),
+                   "text_encoder": sum(p.numel() for p in te.parameters())},
+        "vocab_size": len(tok),
+        "fit": {"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
+                "budget_seconds": budget},
+        "reconstruction": asdict(report),
+        "latent_std_unscaled": std,
+        "scaling_factor": float(vae.config.scaling_factor),
+    }
+    with atomic_dir(profile.components_dir) as tmp:
+        tok.save_pretrained(tmp / "tokenizer")
+        te.save_pretrained(tmp / "text_encoder")
+        vae.save_pretrained(tmp / "vae")
+        info.update(digest=_dir_digest(tmp), build_seconds=round(time.perf_counter() - t0, 1), built_at=time.time())
+        with open(tmp / BUILD_FILE, "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+    return info
+
+
+def _fit_and_scale_vae(vae: Any, profile: Profile, budget: float,
+                       log: Callable[[str], None]) -> tuple[vae_fit.FitResult, vae_fit.ColourReport, float]:
+    """Fit the tiny VAE (`sd_core.encoding.vae_fit`), then, on held-out renders, set its scaling factor to
+    1 / latent std (as SD did) and measure its colour fidelity. Returns (fit result, colour report, latent std)."""
+    c = profile.components
     log(f"fitting the tiny VAE ({sum(p.numel() for p in vae.parameters()):,} params) for up to "
         f"{budget:.0f}s / {c.vae_fit_steps} steps")
     fit = vae_fit.fit_tiny_vae(vae, budget, size=profile.encode.resolution, batch_size=c.vae_fit_batch_size,
@@ -349,29 +373,7 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
     report = vae_fit.colour_report(held_out, vae_fit.reconstruct(vae, held_out.images))
     log(f"tiny VAE: {fit.steps} steps in {fit.seconds:.0f}s, PSNR {report.psnr:.2f} dB, colour accuracy "
         f"{report.colour_accuracy:.3f}, scaling factor {scaling:.4f}")
-
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(tmp / "tokenizer")
-        te.save_pretrained(tmp / "text_encoder")
-        vae.save_pretrained(tmp / "vae")
-        info = {
-            "profile": profile.name,
-            "settings": settings,
-            "params": {"vae": sum(p.numel() for p in vae.parameters()),
-                       "text_encoder": sum(p.numel() for p in te.parameters())},
-            "vocab_size": len(tok),
-            "fit": {"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
-                    "budget_seconds": budget},
-            "reconstruction": asdict(report),
-            "latent_std_unscaled": std,
-            "scaling_factor": float(vae.config.scaling_factor),
-            "digest": _dir_digest(tmp),
-            "build_seconds": round(time.perf_counter() - t0, 1),
-            "built_at": time.time(),
-        }
-        with open(tmp / BUILD_FILE, "w") as f:
-            json.dump(info, f, indent=1, sort_keys=True)
-    return info
+    return fit, report, std
 
 
 # ------------------------------------------------------------------------------- pretrained sources

@@ -26,14 +26,17 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from sd_core.config import Profile
+from sd_core.config import EncodeConfig, Profile
+from sd_core.encoding.components import component_sources, components_version, load_components, load_tokenizer, tokenize
+from sd_core.encoding.latent_cache import shard_paths, write_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -55,9 +58,13 @@ class EncodeReport:
     manifest_entry: dict[str, Any] = field(default_factory=dict)
 
     def as_metadata(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("manifest_entry")
-        return d
+        """The encode's counts, speed and cache entry as plain JSON values (what an orchestrator shows). The
+        latents' mean and std are left to whoever checks the written cache (`latent_stats`): that is the
+        float16 data training reads, not the float32 this report measured."""
+        return {"encoded": self.encoded, "skipped": self.skipped, "images_per_s": self.images_per_s,
+                "seconds": self.seconds, "latent_shape": list(self.latent_shape), "device": self.device,
+                "processes": self.processes, "scaling_factor": float(self.manifest_entry["scaling_factor"]),
+                "content_hash": self.manifest_entry["hash"], "skipped_examples": list(self.skipped_examples)}
 
 
 # -------------------------------------------------------------------------------------------- decoding
@@ -118,6 +125,8 @@ class ShardSamples(torch.utils.data.IterableDataset):
 # -------------------------------------------------------------------------------------------- encoding
 @dataclass
 class _Part:
+    """What one encoder produced: its samples in the order it read them, and the ones it skipped."""
+
     indices: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
@@ -129,54 +138,93 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _encode_part(tar_path: str, profile: Profile, rank: int, world: int, device: torch.device,
-                 components=None, progress: ProgressFn | None = None, shard: str = "") -> _Part:
-    from sd_core.encoding.components import load_components
-
-    enc = profile.encode
-    comps = components or load_components(profile, device=device, text_encoder=False)
-    vae, scale = comps.vae, comps.scaling_factor
-    dev = next(vae.parameters()).device
-    use_bf16 = enc.autocast_bf16 and dev.type == "cuda"
-    loader = torch.utils.data.DataLoader(
+def _decode_loader(tar_path: str, enc: EncodeConfig, rank: int, world: int) -> torch.utils.data.DataLoader:
+    """The decode workers of encoder ``rank`` of ``world``: each yields every n-th sample of that share."""
+    return torch.utils.data.DataLoader(
         ShardSamples(tar_path, enc.resolution, rank, world), batch_size=None,
         num_workers=max(0, enc.decode_workers), prefetch_factor=8 if enc.decode_workers > 0 else None,
         persistent_workers=False,
     )
-    part = _Part()
+
+
+def _decoded_batches(samples: Iterable[tuple[int, str, str, Any, str]], batch_size: int,
+                     skipped: list[tuple[int, str]]) -> Iterator[list[tuple[int, str, str, np.ndarray]]]:
+    """Batches of up to ``batch_size`` decoded samples (index, key, caption, image), in the order read; a
+    sample without an image goes to ``skipped`` as (index, "key: reason")."""
     pending: list[tuple[int, str, str, np.ndarray]] = []
-    t0 = time.perf_counter()
-    last_report = [t0]
-
-    def flush() -> None:
-        if not pending:
-            return
-        x = torch.from_numpy(np.stack([p[3] for p in pending])).to(dev, non_blocking=True)
-        x = x.float().div_(127.5).sub_(1.0)
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            z = vae.encode(x).latent_dist.mean
-        part.latents.append((z.float() * scale).cpu().numpy())
-        for i, k, c, _ in pending:
-            part.indices.append(i)
-            part.keys.append(k)
-            part.captions.append(c)
-        pending.clear()
-        now = time.perf_counter()
-        if progress is not None and (now - last_report[0] > 5.0):
-            last_report[0] = now
-            done = len(part.indices)
-            progress({"shard": shard, "rank": rank, "encoded": done, "skipped": len(part.skipped),
-                      "seconds": round(now - t0, 1), "images_per_s": round(done / max(now - t0, 1e-9), 1)})
-
-    for i, key, caption, img, err in loader:
+    for i, key, caption, img, err in samples:
         if img is None:
-            part.skipped.append((i, f"{key}: {err}"))
+            skipped.append((i, f"{key}: {err}"))
             continue
         pending.append((i, key, caption, img if isinstance(img, np.ndarray) else np.asarray(img)))
-        if len(pending) >= enc.batch_size:
-            flush()
-    flush()
+        if len(pending) >= batch_size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _encode_batch(vae: Any, scaling_factor: float, images: list[np.ndarray], autocast_bf16: bool) -> np.ndarray:
+    """uint8 images (B, 3, R, R) → the VAE's posterior means × scaling factor, float32 (bf16 autocast on CUDA
+    when ``autocast_bf16``)."""
+    dev = next(vae.parameters()).device
+    x = torch.from_numpy(np.stack(images)).to(dev, non_blocking=True)
+    x = x.float().div_(127.5).sub_(1.0)
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                enabled=autocast_bf16 and dev.type == "cuda"):
+        z = vae.encode(x).latent_dist.mean
+    return (z.float() * scaling_factor).cpu().numpy()
+
+
+class _ThrottledProgress:
+    """Reports an encoder's counts to ``progress`` (if any) at most every ``every`` seconds."""
+
+    def __init__(self, progress: ProgressFn | None, shard: str, rank: int, every: float = 5.0):
+        self.progress, self.shard, self.rank, self.every = progress, shard, rank, every
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, part: _Part) -> None:
+        now = time.perf_counter()
+        if self.progress is None or now - self.last <= self.every:
+            return
+        self.last = now
+        done = len(part.indices)
+        self.progress({"shard": self.shard, "rank": self.rank, "encoded": done, "skipped": len(part.skipped),
+                       "seconds": round(now - self.t0, 1), "images_per_s": round(done / max(now - self.t0, 1e-9), 1)})
+
+
+def _encode_part(tar_path: str, profile: Profile, rank: int, world: int, device: torch.device,
+                 components=None, progress: ProgressFn | None = None, shard: str = "") -> _Part:
+    """Encode the share of encoder ``rank`` of ``world``: its decode workers feed batches of
+    ``encode.batch_size`` through the VAE."""
+    enc = profile.encode
+    comps = components or load_components(profile, device=device, text_encoder=False)
+    loader = _decode_loader(tar_path, enc, rank, world)
+    part = _Part()
+    report = _ThrottledProgress(progress, shard, rank)
+    for batch in _decoded_batches(loader, enc.batch_size, part.skipped):
+        part.latents.append(_encode_batch(comps.vae, comps.scaling_factor, [b[3] for b in batch], enc.autocast_bf16))
+        for i, key, caption, _ in batch:
+            part.indices.append(i)
+            part.keys.append(key)
+            part.captions.append(caption)
+        report(part)
     return part
+
+
+def _save_part(part: _Part, path: str) -> None:
+    lat = np.concatenate(part.latents) if part.latents else np.zeros((0,), np.float32)
+    np.savez(path, indices=np.asarray(part.indices, np.int64), keys=np.asarray(part.keys, dtype=object),
+             captions=np.asarray(part.captions, dtype=object), latents=lat,
+             skipped_idx=np.asarray([s[0] for s in part.skipped], np.int64),
+             skipped_msg=np.asarray([s[1] for s in part.skipped], dtype=object))
+
+
+def _load_part(path: str) -> _Part:
+    d = np.load(path, allow_pickle=True)  # our own temporary file, written just now
+    return _Part(d["indices"].tolist(), d["keys"].tolist(), d["captions"].tolist(),
+                 [d["latents"]] if d["indices"].size else [],
+                 list(zip(d["skipped_idx"].tolist(), d["skipped_msg"].tolist())))
 
 
 def _part_worker(tar_path: str, profile: Profile, rank: int, world: int, gpu: str | None, out_path: str) -> None:
@@ -187,15 +235,30 @@ def _part_worker(tar_path: str, profile: Profile, rank: int, world: int, gpu: st
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
-    part = _encode_part(tar_path, profile, rank, world, device)
-    lat = np.concatenate(part.latents) if part.latents else np.zeros((0,), np.float32)
-    np.savez(out_path, indices=np.asarray(part.indices, np.int64), keys=np.asarray(part.keys, dtype=object),
-             captions=np.asarray(part.captions, dtype=object), latents=lat,
-             skipped_idx=np.asarray([s[0] for s in part.skipped], np.int64),
-             skipped_msg=np.asarray([s[1] for s in part.skipped], dtype=object))
+    _save_part(_encode_part(tar_path, profile, rank, world, device), out_path)
 
 
-def _run_parts(tar_path: str, profile: Profile, world: int, gpus: list[str] | None) -> list[_Part]:
+@contextmanager
+def _visible_gpu(gpu: str | None) -> Iterator[None]:
+    """Set CUDA_VISIBLE_DEVICES to ``gpu`` for the block, then restore the parent's value: a process spawned
+    inside inherits it from its start, before anything in it can initialise CUDA."""
+    if gpu is None:
+        yield
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def _run_parts(tar_path: str, profile: Profile, world: int, gpus: list[str]) -> list[_Part]:
+    """Encode in ``world`` spawned encoder processes (rank r on ``gpus[r]``; on CPU when ``gpus`` is empty),
+    each saving its part to a temporary file; returns the parts in rank order."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -204,18 +267,9 @@ def _run_parts(tar_path: str, profile: Profile, world: int, gpus: list[str] | No
         for r in range(world):
             out = os.path.join(tmp, f"part{r}.npz")
             gpu = gpus[r] if gpus else None
-            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if gpu is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # inherited by the spawned child from the start
-            try:
+            with _visible_gpu(gpu):
                 p = ctx.Process(target=_part_worker, args=(tar_path, profile, r, world, gpu, out), daemon=False)
                 p.start()
-            finally:
-                if gpu is not None:
-                    if saved is None:
-                        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                    else:
-                        os.environ["CUDA_VISIBLE_DEVICES"] = saved
             procs.append(p)
             outs.append(out)
         try:
@@ -228,14 +282,7 @@ def _run_parts(tar_path: str, profile: Profile, world: int, gpus: list[str] | No
         bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
         if bad:
             raise RuntimeError(f"encoder process(es) failed (rank, exit code): {bad}")
-        parts = []
-        for out in outs:
-            d = np.load(out, allow_pickle=True)  # our own temporary file, written just now
-            part = _Part(d["indices"].tolist(), d["keys"].tolist(), d["captions"].tolist(),
-                         [d["latents"]] if d["indices"].size else [],
-                         list(zip(d["skipped_idx"].tolist(), d["skipped_msg"].tolist())))
-            parts.append(part)
-        return parts
+        return [_load_part(out) for out in outs]
 
 
 def visible_gpus() -> list[str]:
@@ -246,6 +293,86 @@ def visible_gpus() -> list[str]:
     if env:
         return [g.strip() for g in env.split(",") if g.strip()]
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _encoder_gpus(profile: Profile, dev: torch.device, num_processes: int | None) -> tuple[int, list[str]]:
+    """(number of encoder processes, the GPU of each): by default one per visible GPU (``encode.num_gpus``
+    caps them), one on CPU; the GPU list is empty on CPU."""
+    gpus = visible_gpus() if dev.type == "cuda" else []
+    if profile.encode.num_gpus is not None and gpus:
+        gpus = gpus[: max(1, profile.encode.num_gpus)]
+    world = num_processes if num_processes is not None else max(1, len(gpus))
+    return world, gpus[:world]
+
+
+def _encode_parts(tar_path: str, profile: Profile, dev: torch.device, world: int, gpus: list[str],
+                  components: Any, progress: ProgressFn | None, shard: str) -> tuple[list[_Part], str]:
+    """Run the encoder(s): in this process when ``world`` is 1, else in spawned processes. Returns the parts
+    and the device the report names."""
+    if world == 1:
+        devname = str(next(components.vae.parameters()).device) if components is not None else str(dev)
+        return [_encode_part(tar_path, profile, 0, 1, dev, components, progress, shard)], devname
+    if components is not None:
+        raise ValueError("components= works only with one encoder process")
+    return _run_parts(tar_path, profile, world, gpus), f"{world}x{dev.type}"
+
+
+@contextmanager
+def _progress_or_bar(progress: ProgressFn | None, show_progress: bool, shard: str) -> Iterator[ProgressFn | None]:
+    """``progress`` itself; or, when none is given and ``show_progress``, a callback moving a tqdm bar."""
+    if progress is not None or not show_progress:
+        yield progress
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"encode {shard}", unit="img")
+
+    def move_bar(p: dict[str, Any]) -> None:
+        bar.n = p["encoded"]
+        bar.refresh()
+
+    try:
+        yield move_bar
+    finally:
+        bar.close()
+
+
+def _merge_in_tar_order(parts: list[_Part], no_latents: np.ndarray
+                        ) -> tuple[np.ndarray, list[str], list[str], list[tuple[int, str]]]:
+    """The parts as one shard in tar order (each part holds every n-th sample): latents (``no_latents`` when
+    nothing encoded), keys, captions, and the skipped samples sorted by index."""
+    idx = np.concatenate([np.asarray(p.indices, np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    keys = [k for p in parts for k in p.keys]
+    caps = [c for p in parts for c in p.captions]
+    lats = [lat for p in parts for lat in p.latents]
+    latents = np.concatenate(lats) if lats else no_latents
+    order = np.argsort(idx, kind="stable")
+    skipped = sorted(s for p in parts for s in p.skipped)
+    return latents[order], [keys[i] for i in order], [caps[i] for i in order], skipped
+
+
+def _no_latents(vae_cfg: Any, resolution: int) -> np.ndarray:
+    """An empty (0, C, h, w) latents array of the shape the VAE gives at ``resolution``."""
+    side = resolution // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return np.zeros((0, int(vae_cfg["latent_channels"]), side, side), np.float32)
+
+
+def _caption_tokens(profile: Profile, components: Any, captions: list[str]) -> np.ndarray:
+    """(N, max_length) token ids of the captions, by the loaded tokenizer or else the profile's."""
+    max_length = profile.components.max_length
+    tokenizer = components.tokenizer if components is not None else load_tokenizer(
+        component_sources(profile).tokenizer, max_length)
+    if not captions:
+        return np.zeros((0, max_length), np.int64)
+    return tokenize(tokenizer, captions, max_length).numpy()
+
+
+def _mean_std(latents: np.ndarray) -> tuple[float, float]:
+    """Mean and std of the latents in float32 (NaN for none)."""
+    lat32 = latents.astype(np.float32, copy=False)
+    if not lat32.size:
+        return float("nan"), float("nan")
+    return float(lat32.mean()), float(lat32.std())
 
 
 def encode_shard(
@@ -269,75 +396,26 @@ def encode_shard(
     it), one on CPU. Setting it > 1 on CPU runs that many CPU encoder processes (used by tests to exercise
     the multi-process path). ``code_version`` and ``extra`` go into the manifest entry.
     """
-    from sd_core.encoding.components import component_sources, load_tokenizer, tokenize
-    from sd_core.encoding.latent_cache import write_shard
-
     tar_path = str(tar_path)
     if not Path(tar_path).exists():
         raise FileNotFoundError(f"shard tar not found: {tar_path}")
-    enc = profile.encode
     dev = torch.device(device) if device is not None else _default_device()
-    gpus = visible_gpus() if dev.type == "cuda" else []
-    if enc.num_gpus is not None and gpus:
-        gpus = gpus[: max(1, enc.num_gpus)]
-    world = num_processes if num_processes is not None else max(1, len(gpus))
+    world, gpus = _encoder_gpus(profile, dev, num_processes)
     t0 = time.perf_counter()
-
-    bar = None
-    if progress is None and show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc=f"encode {shard}", unit="img")
-
-        def progress(p: dict[str, Any]) -> None:  # noqa: F811
-            bar.n = p["encoded"]
-            bar.refresh()
-
-    if world == 1:
-        parts = [_encode_part(tar_path, profile, 0, 1, dev, components, progress, shard)]
-        devname = str(next(components.vae.parameters()).device) if components is not None else str(dev)
-    else:
-        if components is not None:
-            raise ValueError("components= works only with one encoder process")
-        parts = _run_parts(tar_path, profile, world, gpus[:world] if dev.type == "cuda" else None)
-        devname = f"{world}x{dev.type}"
-    if bar is not None:
-        bar.close()
-
-    # merge the parts in tar order
-    idx = np.concatenate([np.asarray(p.indices, np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
-    keys = [k for p in parts for k in p.keys]
-    caps = [c for p in parts for c in p.captions]
-    lats = [l for p in parts for l in p.latents]
+    with _progress_or_bar(progress, show_progress, shard) as report_progress:
+        parts, devname = _encode_parts(tar_path, profile, dev, world, gpus, components, report_progress, shard)
     src = component_sources(profile)
     vae_cfg = components.vae.config if components is not None else _vae_config(src.vae)
-    if lats:
-        latents = np.concatenate(lats)
-    else:
-        side = enc.resolution // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        latents = np.zeros((0, int(vae_cfg["latent_channels"]), side, side), np.float32)
-    order = np.argsort(idx, kind="stable")
-    latents = latents[order]
-    keys = [keys[i] for i in order]
-    caps = [caps[i] for i in order]
-    skipped = sorted(s for p in parts for s in p.skipped)
-
-    tok_src = components.tokenizer if components is not None else load_tokenizer(
-        component_sources(profile).tokenizer, profile.components.max_length)
-    token_ids = tokenize(tok_src, caps, profile.components.max_length).numpy() if caps else \
-        np.zeros((0, profile.components.max_length), np.int64)
-
+    latents, keys, caps, skipped = _merge_in_tar_order(parts, _no_latents(vae_cfg, profile.encode.resolution))
+    token_ids = _caption_tokens(profile, components, caps)
     seconds = time.perf_counter() - t0
-    lat32 = latents.astype(np.float32, copy=False)
-    mean = float(lat32.mean()) if lat32.size else float("nan")
-    std = float(lat32.std()) if lat32.size else float("nan")
-    vae_scale = float(vae_cfg["scaling_factor"])
+    mean, std = _mean_std(latents)
     entry = write_shard(
         cache_dir, shard, latents, keys, caps, token_ids,
         vae=src.vae if not profile.components.build_tiny else "tiny:" + str(src.vae),
-        resolution=enc.resolution, scaling_factor=vae_scale, code_version=code_version,
-        extra={"skipped": len(skipped), "source": tar_path, "latent_mean": mean, "latent_std": std,
-               **(extra or {})},
+        resolution=profile.encode.resolution, scaling_factor=float(vae_cfg["scaling_factor"]),
+        code_version=code_version,
+        extra={"skipped": len(skipped), "source": tar_path, "latent_mean": mean, "latent_std": std, **(extra or {})},
     )
     return EncodeReport(
         shard=shard, encoded=len(keys), skipped=len(skipped), seconds=round(seconds, 2),
@@ -358,8 +436,6 @@ def _vae_config(vae_source: str) -> dict[str, Any]:
 
 def latent_stats(cache_dir: str | os.PathLike[str], shard: str, chunk: int = 1024) -> dict[str, float]:
     """Mean, std and non-finite count of one cached shard, read in chunks from the memory map."""
-    from sd_core.encoding.latent_cache import shard_paths
-
     arr = np.load(shard_paths(cache_dir, shard).latents, mmap_mode="r")
     n = s = ss = 0.0
     bad = 0
@@ -383,8 +459,6 @@ ENCODE_FORMAT = "e1"  # bump when encoding itself changes (preprocessing, poster
 def latents_code_version(profile: Profile) -> str:
     """The version of a shard's latents under ``profile``: the encode format plus the components' version
     (VAE / text encoder / tokenizer sources, resolution, max_length), so a VAE change makes every shard stale."""
-    from sd_core.encoding.components import components_version
-
     return f"{ENCODE_FORMAT}-{components_version(profile)}"
 
 

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from sd_core.atomic import fsync_dir, temp_sibling, write_json_atomic
+from sd_core.atomic import fsync_dir, write_json_atomic, write_temp
 
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
@@ -69,12 +69,13 @@ def shard_paths(cache_dir: str | os.PathLike[str], shard: str) -> ShardPaths:
 
 
 def _write_npy_tmp(path: Path, arr: np.ndarray) -> Path:
-    tmp = temp_sibling(path)
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+    return write_temp(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def _write_parquet_tmp(path: Path, table: Any) -> Path:
+    import pyarrow.parquet as pq
+
+    return write_temp(path, lambda f: pq.write_table(table, f))
 
 
 @contextmanager
@@ -156,11 +157,43 @@ def write_shard(
     Re-writing a shard replaces its files atomically; other shards' files are never touched.
     ``extra`` is merged into the manifest entry (e.g. skipped count, source tar).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    lat, tok, keys, captions = _checked_shard(shard, latents, keys, captions, token_ids)
+    tmps: list[tuple[Path, Path]] = []
+    committed = False
+    try:
+        _write_temporaries(shard_paths(cache, shard), lat, tok, keys, captions, tmps)
+        entry: ShardEntry = {
+            "count": int(lat.shape[0]),
+            "hash": _content_hash(lat, tok, keys, captions),
+            "vae": vae,
+            "resolution": resolution,
+            "scaling_factor": scaling_factor,
+            "latent_shape": list(lat.shape[1:]),
+            "max_length": int(tok.shape[1]) if tok.ndim == 2 else 0,
+            "code_version": code_version,
+            "written_at": time.time(),
+        }
+        if extra:
+            entry.update(extra)
+        with _manifest_lock(cache):
+            data = _journal_commit(cache, shard, tmps, entry)
+            committed = True  # journalled: from here on an interrupted commit is rolled forward, not undone
+            _roll_forward(cache, data)
+            _remove_stale_tmps(cache, shard)
+    finally:
+        if not committed:
+            for tmp, _ in tmps:
+                tmp.unlink(missing_ok=True)
+    return entry
+
+
+def _checked_shard(shard: str, latents: np.ndarray, keys: Sequence[str], captions: Sequence[str],
+                   token_ids: np.ndarray | Sequence[Sequence[int]]
+                   ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """A shard's content as stored, (float16 latents, int32 token ids, keys, captions), after checking that the
+    shapes and lengths agree and that the latents are finite in float16."""
     lat = np.asarray(latents)
     if lat.ndim != 4:
         raise ValueError(f"latents must be (N, C, h, w), got shape {lat.shape}")
@@ -178,56 +211,36 @@ def write_shard(
                          f"{tok.shape[0]} token rows")
     if not np.isfinite(lat).all():
         raise ValueError(f"shard {shard}: latents contain NaN/inf (after float16 cast)")
+    return lat, tok, keys, captions
 
-    paths = shard_paths(cache, shard)
-    tmps: list[tuple[Path, Path]] = []
-    committed = False
-    try:
-        # 1. the slow part: every file to a temporary name (a crash here leaves the old shard untouched)
-        tmps.append((_write_npy_tmp(paths.tokens, tok), paths.tokens))
-        table = pa.table({
-            "key": pa.array(keys, pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "token_ids": pa.array(list(tok), pa.list_(pa.int32())) if n else pa.array([], pa.list_(pa.int32())),
-        })
-        tmp_pq = temp_sibling(paths.table)
-        pq.write_table(table, tmp_pq)
-        with open(tmp_pq, "rb+") as f:
-            os.fsync(f.fileno())
-        tmps.append((tmp_pq, paths.table))
-        tmps.append((_write_npy_tmp(paths.latents, lat), paths.latents))
 
-        entry: ShardEntry = {
-            "count": int(n),
-            "hash": _content_hash(lat, tok, keys, captions),
-            "vae": vae,
-            "resolution": resolution,
-            "scaling_factor": scaling_factor,
-            "latent_shape": list(lat.shape[1:]),
-            "max_length": int(tok.shape[1]) if tok.ndim == 2 else 0,
-            "code_version": code_version,
-            "written_at": time.time(),
-        }
-        if extra:
-            entry.update(extra)
+def _write_temporaries(paths: ShardPaths, lat: np.ndarray, tok: np.ndarray, keys: list[str], captions: list[str],
+                       tmps: list[tuple[Path, Path]]) -> None:
+    """Step 1 of a shard write, the slow part: every file to a temporary name beside its final one (a crash
+    here leaves the old shard untouched). Each (temporary, final) pair is appended to ``tmps`` as soon as it
+    exists, so the caller can delete them if the write fails."""
+    import pyarrow as pa
 
-        # 2. commit under the manifest lock: journal the renames in the manifest (atomic), do them, then
-        #    record the new entry. A crash between the renames is rolled forward by the next reader/writer.
-        with _manifest_lock(cache):
-            data = _load_manifest_file(cache)
-            _roll_forward(cache, data)
-            data["shards"].setdefault(shard, {})
-            data["shards"][shard] = dict(data["shards"][shard],
-                                         pending={"renames": [[t.name, f.name] for t, f in tmps], "entry": entry})
-            write_json_atomic(cache / MANIFEST, data)
-            committed = True
-            _roll_forward(cache, data)
-            _remove_stale_tmps(cache, shard)
-    finally:
-        if not committed:
-            for tmp, _ in tmps:
-                tmp.unlink(missing_ok=True)
-    return entry
+    tmps.append((_write_npy_tmp(paths.tokens, tok), paths.tokens))
+    table = pa.table({
+        "key": pa.array(keys, pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "token_ids": pa.array(list(tok), pa.list_(pa.int32())) if len(tok) else pa.array([], pa.list_(pa.int32())),
+    })
+    tmps.append((_write_parquet_tmp(paths.table, table), paths.table))
+    tmps.append((_write_npy_tmp(paths.latents, lat), paths.latents))
+
+
+def _journal_commit(cache: Path, shard: str, tmps: list[tuple[Path, Path]], entry: ShardEntry) -> dict[str, Any]:
+    """Step 2, with the manifest lock held: journal the shard's renames and new entry in the manifest (one
+    atomic replace); returns the manifest for `_roll_forward` to carry them out. A crash between the renames
+    is rolled forward by the next reader or writer."""
+    data = _load_manifest_file(cache)
+    _roll_forward(cache, data)
+    data["shards"][shard] = dict(data["shards"].get(shard, {}),
+                                 pending={"renames": [[t.name, f.name] for t, f in tmps], "entry": entry})
+    write_json_atomic(cache / MANIFEST, data)
+    return data
 
 
 def _load_manifest_file(cache: Path) -> dict[str, Any]:

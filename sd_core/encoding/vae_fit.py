@@ -29,7 +29,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -92,12 +92,12 @@ class ColourReport:
     per_colour_accuracy: dict[str, float] = field(default_factory=dict)
     n: int = 0
 
-    def as_metadata(self) -> dict[str, float]:
-        out = {"psnr_db": round(self.psnr, 2), "colour_accuracy": round(self.colour_accuracy, 3),
-               "background_accuracy": round(self.background_accuracy, 3),
-               "colour_error_rgb": round(self.colour_error, 1)}
-        out.update({f"colour_accuracy_{k}": round(v, 3) for k, v in self.per_colour_accuracy.items()})
-        return out
+    def as_metadata(self) -> dict[str, Any]:
+        """The fidelity numbers, rounded, as plain JSON values (what an orchestrator shows)."""
+        return {"psnr_db": round(self.psnr, 2), "colour_accuracy": round(self.colour_accuracy, 3),
+                "background_accuracy": round(self.background_accuracy, 3),
+                "colour_error_rgb": round(self.colour_error, 1),
+                "colour_accuracy_by_colour": dict(self.per_colour_accuracy)}
 
 
 def colour_report(batch: SyntheticBatch, recon: torch.Tensor) -> ColourReport:
@@ -175,8 +175,8 @@ def fit_tiny_vae(
     Loss per image: MSE weighted ``1 + shape_weight × mask`` (shape pixels count more than the flat
     background) + ``colour_weight`` × MSE of the mask-weighted mean colour (a global colour-shift penalty),
     + ``kl_weight`` × KL. The learning rate warms up over 20 steps then follows a cosine in *time* to 5 % at
-    the end of the wall-clock budget (not over ``max_steps``: annealing a 64-step fit cost 1.4 dB). Images come from a pre-rendered pool (rendering is the slow part on CPU),
-    rotated by multiples of 90° for variety.
+    the end of the wall-clock budget (not over ``max_steps``: annealing a 64-step fit cost 1.4 dB). Images
+    come from a pre-rendered pool (rendering is the slow part on CPU), rotated by multiples of 90° for variety.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -192,28 +192,11 @@ def fit_tiny_vae(
         el = time.perf_counter() - t0
         if el >= seconds or (max_steps is not None and step >= max_steps):
             break
-        frac = el / max(seconds, 1e-6)  # a step cap does not anneal: short fits are far from converged
-        warm = min(1.0, (step + 1) / 20)
-        cur = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        cur = _learning_rate(lr, step, el / max(seconds, 1e-6))
         for group in opt.param_groups:
             group["lr"] = cur
-        idx = torch.randint(0, pool, (batch_size,), generator=g)
-        x, m = data.images[idx], data.masks[idx]
-        k = int(torch.randint(0, 4, (1,), generator=g))
-        if k:
-            x, m = torch.rot90(x, k, (2, 3)), torch.rot90(m, k, (2, 3))
-        dist = vae.encode(x).latent_dist
-        z = dist.sample()
-        rec = vae.decode(z).sample
-        w = 1.0 + shape_weight * m
-        loss = (w * (rec - x) ** 2).mean()
-        if colour_weight:
-            msum = m.sum((2, 3)).clamp_min(1.0)
-            mean_rec = (rec * m).sum((2, 3)) / msum
-            mean_x = (x * m).sum((2, 3)) / msum
-            loss = loss + colour_weight * F.mse_loss(mean_rec, mean_x)
-        if kl_weight:
-            loss = loss + kl_weight * dist.kl().mean()
+        x, m = _rotated_draw(data, batch_size, g)
+        loss = _fit_loss(vae, x, m, kl_weight=kl_weight, shape_weight=shape_weight, colour_weight=colour_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -225,3 +208,38 @@ def fit_tiny_vae(
                 log(f"tiny VAE fit: step {step}, {time.perf_counter() - t0:.0f}s, loss {loss_v:.4f}, lr {cur:.2e}")
     vae.eval()
     return FitResult(step, time.perf_counter() - t0, loss_v, hist)
+
+
+def _learning_rate(base: float, step: int, frac: float) -> float:
+    """A 20-step linear warmup, then a cosine from ``base`` to 5 % of it over the elapsed share ``frac`` of
+    the wall-clock budget (a step cap does not anneal: short fits are far from converged)."""
+    warm = min(1.0, (step + 1) / 20)
+    return base * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _rotated_draw(data: SyntheticBatch, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random images of the pre-rendered pool and their masks, all rotated by the same random
+    multiple of 90°."""
+    idx = torch.randint(0, data.images.shape[0], (batch_size,), generator=g)
+    x, m = data.images[idx], data.masks[idx]
+    k = int(torch.randint(0, 4, (1,), generator=g))
+    if k:
+        x, m = torch.rot90(x, k, (2, 3)), torch.rot90(m, k, (2, 3))
+    return x, m
+
+
+def _fit_loss(vae, x: torch.Tensor, m: torch.Tensor, *, kl_weight: float, shape_weight: float,
+              colour_weight: float) -> torch.Tensor:
+    """The fit's loss on images ``x`` with shape masks ``m`` (see `fit_tiny_vae`): shape-weighted MSE of a
+    sampled-latent reconstruction, plus the mean-colour and KL terms."""
+    dist = vae.encode(x).latent_dist
+    rec = vae.decode(dist.sample()).sample
+    loss = ((1.0 + shape_weight * m) * (rec - x) ** 2).mean()
+    if colour_weight:
+        msum = m.sum((2, 3)).clamp_min(1.0)
+        mean_rec = (rec * m).sum((2, 3)) / msum
+        mean_x = (x * m).sum((2, 3)) / msum
+        loss = loss + colour_weight * F.mse_loss(mean_rec, mean_x)
+    if kl_weight:
+        loss = loss + kl_weight * dist.kl().mean()
+    return loss

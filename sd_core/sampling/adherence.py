@@ -34,10 +34,10 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from sd_core.data.synthetic import COLORS
+
 
 def default_palette() -> dict[str, tuple[int, int, int]]:
-    from sd_core.data.synthetic import COLORS
-
     return dict(COLORS)
 
 

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from sd_core.atomic import atomic_dir
+from sd_core.model.convert import to_diffusers
 from sd_core.model.schedulers import DDIMScheduler
+from sd_core.sampling.generate import CompatibilityError, add_component_arguments, check_compatible, load_for_sampling
+from sd_core.training.checkpoint import CheckpointError
 
 
 def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scaling_factor: float | None = None,
@@ -32,9 +35,6 @@ def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scali
     with."""
     from diffusers import DDIMScheduler as DiffusersDDIM
     from diffusers import StableDiffusionPipeline
-
-    from sd_core.model.convert import to_diffusers
-    from sd_core.sampling.generate import check_compatible
 
     check_compatible(unet, text_encoder, vae, tokenizer)
     if scaling_factor is not None and float(vae.config.scaling_factor) != float(scaling_factor):
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or file (see `sd generate --help`)")
     parser.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    from sd_core.sampling.generate import CompatibilityError, CheckpointError, add_component_arguments, load_for_sampling
 
     add_component_arguments(parser)
     args = parser.parse_args(argv)

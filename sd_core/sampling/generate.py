@@ -31,7 +31,9 @@ from PIL import Image
 from torch import nn
 
 from sd_core.config import DATA_ROOT_ENV, PROFILE_ENV, Profile, get_profile
+from sd_core.encoding.components import encode_text, load_components, tokenize
 from sd_core.model.schedulers import DDIMScheduler
+from sd_core.model.unet import UNetModel
 from sd_core.training import checkpoint as ckpt_mod
 from sd_core.training.checkpoint import CheckpointConfig, CheckpointError
 
@@ -128,8 +130,6 @@ def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: Sequence[str], ma
     words, EOS, padded/truncated to ``max_length``, default the tokenizer's ``model_max_length``) and the text
     encoder's last hidden state (``sd_core.encoding.components.encode_text``), which is what
     ``StableDiffusionPipeline.encode_prompt`` computes too."""
-    from sd_core.encoding.components import encode_text, tokenize
-
     max_length = int(max_length or tokenizer.model_max_length)
     ids = tokenize(tokenizer, list(prompts), max_length)
     ctx = encode_text(text_encoder, ids)
@@ -176,66 +176,105 @@ def generate(
     if output not in ("pil", "latent"):
         raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    n = len(prompts)
-    if n == 0:
+    if not prompts:
         return []
-    if negative_prompts is None:
-        negatives = [""] * n
-    elif isinstance(negative_prompts, str):
-        negatives = [negative_prompts] * n
-    else:
-        negatives = list(negative_prompts)
-        if len(negatives) != n:
-            raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
+    negatives = _negatives_for(negative_prompts, len(prompts))
     check_compatible(unet, text_encoder, vae, tokenizer)
-    factor = _vae_scale_factor(vae)
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor} (the VAE's downsampling), got {height}×{width}")
+    shape = _latent_shape(unet, vae, height, width)
     scaling = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
-    device, unet_dtype = _module_device_dtype(unet)
-    te_device = _module_device_dtype(text_encoder)[0]
-    vae_device, vae_dtype = _module_device_dtype(vae)
-    call = unet_caller(unet)
     do_cfg = guidance != 1.0
-    gens = make_generators(seed, n)
-    shape = (1, _unet_in_channels(unet), height // factor, width // factor)
-
+    gens = make_generators(seed, len(prompts))
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(steps)
-    bs = batch_size or n
+    bs = batch_size or len(prompts)
     images: list[Image.Image] = []
     final_latents: list[torch.Tensor] = []
-    for start in range(0, n, bs):
+    for start in range(0, len(prompts), bs):
         sl = slice(start, start + bs)
-        chunk_gens = gens[sl]
-        cond = encode_prompts(text_encoder, tokenizer, prompts[sl], max_length, te_device)
-        ctx = cond
-        if do_cfg:
-            uncond = encode_prompts(text_encoder, tokenizer, negatives[sl], cond.shape[1], te_device)
-            ctx = torch.cat([uncond, cond])
-        ctx = ctx.to(device=device, dtype=unet_dtype)
-        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in chunk_gens]).to(device)
-        latents = latents * scheduler.init_noise_sigma
-        timesteps = scheduler.timesteps
-        iterator = timesteps
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(timesteps, desc="ddim", leave=False)
-        for t in iterator:
-            x_in = torch.cat([latents] * 2) if do_cfg else latents
-            t_in = t.to(device).expand(x_in.shape[0])
-            eps = call(x_in.to(unet_dtype), t_in, ctx).float()
-            if do_cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents, eta=eta, generator=chunk_gens if eta > 0 else None)
+        ctx = _guidance_context(text_encoder, tokenizer, prompts[sl], negatives[sl] if do_cfg else None, max_length)
+        latents = _initial_latents(gens[sl], shape, _module_device_dtype(unet)[0], scheduler.init_noise_sigma)
+        latents = _denoise(unet, scheduler, latents, ctx, guidance=guidance if do_cfg else None, eta=eta,
+                           generators=gens[sl], progress=progress)
         if output == "latent":
             final_latents.append(latents)
-            continue
-        decoded = vae.decode((latents / scaling).to(device=vae_device, dtype=vae_dtype)).sample
-        images.extend(latents_to_pil(decoded.float()))
+        else:
+            images.extend(_decode_to_pil(vae, latents, scaling))
     return torch.cat(final_latents) if output == "latent" else images
+
+
+def _negatives_for(negative_prompts: str | Sequence[str] | None, n: int) -> list[str]:
+    """One negative prompt per prompt: the empty prompt (what the trainer's CFG dropout trains on), one string
+    for all, or the given list."""
+    if negative_prompts is None:
+        return [""] * n
+    if isinstance(negative_prompts, str):
+        return [negative_prompts] * n
+    negatives = list(negative_prompts)
+    if len(negatives) != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
+    return negatives
+
+
+def _latent_shape(unet: Any, vae: Any, height: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of one image's initial latents, (1, C, h, w); the image size must be a multiple of the VAE's
+    downsampling."""
+    factor = _vae_scale_factor(vae)
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor} (the VAE's downsampling), "
+                         f"got {height}×{width}")
+    return (1, _unet_in_channels(unet), height // factor, width // factor)
+
+
+def _guidance_context(text_encoder: Any, tokenizer: Any, prompts: Sequence[str], negatives: Sequence[str] | None,
+                      max_length: int | None) -> torch.Tensor:
+    """The text context of one batch: the prompts' embeddings, preceded by the negatives' ([uncond; cond], the
+    order of diffusers' pipeline); ``negatives`` None (no guidance) gives the prompts' embeddings alone."""
+    te_device = _module_device_dtype(text_encoder)[0]
+    cond = encode_prompts(text_encoder, tokenizer, prompts, max_length, te_device)
+    if negatives is None:
+        return cond
+    uncond = encode_prompts(text_encoder, tokenizer, negatives, cond.shape[1], te_device)
+    return torch.cat([uncond, cond])
+
+
+def _initial_latents(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device,
+                     init_noise_sigma: float) -> torch.Tensor:
+    """x_T: each image's latents drawn from its own generator (float32 on the CPU, so the draw does not depend
+    on the device), scaled to the scheduler's initial noise level."""
+    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
+    return latents * init_noise_sigma
+
+
+def _denoise(unet: Any, scheduler: DDIMScheduler, latents: torch.Tensor, ctx: torch.Tensor, *,
+             guidance: float | None, eta: float, generators: Sequence[torch.Generator],
+             progress: bool) -> torch.Tensor:
+    """The DDIM loop: at every timestep one UNet call and one scheduler step. With a ``guidance`` scale the
+    call runs on [latents; latents] against [uncond; cond] and ε = ε_u + g·(ε_c − ε_u); None (guidance 1)
+    skips the unconditional half. ``generators`` draw each image's step noise for eta > 0."""
+    device, unet_dtype = _module_device_dtype(unet)
+    call = unet_caller(unet)
+    ctx = ctx.to(device=device, dtype=unet_dtype)
+    timesteps = scheduler.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        timesteps = tqdm(timesteps, desc="ddim", leave=False)
+    for t in timesteps:
+        x_in = torch.cat([latents] * 2) if guidance is not None else latents
+        t_in = t.to(device).expand(x_in.shape[0])
+        eps = call(x_in.to(unet_dtype), t_in, ctx).float()
+        if guidance is not None:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        latents = scheduler.step(eps, t, latents, eta=eta, generator=generators if eta > 0 else None)
+    return latents
+
+
+def _decode_to_pil(vae: Any, latents: torch.Tensor, scaling: float) -> list[Image.Image]:
+    """Unscale the final latents and decode them with the VAE, on its device and in its dtype."""
+    vae_device, vae_dtype = _module_device_dtype(vae)
+    decoded = vae.decode((latents / scaling).to(device=vae_device, dtype=vae_dtype)).sample
+    return latents_to_pil(decoded.float())
 
 
 def image_grid(images: Sequence[Image.Image], rows: int, labels: Sequence[str] | None = None,
@@ -285,8 +324,6 @@ class SamplingBundle:
 
 def _expected_shape_report(weights: dict[str, torch.Tensor], unet_config: Any) -> str:
     """Which tensors differ in shape / are missing / unexpected, against a UNet built from ``unet_config``."""
-    from sd_core.model.unet import UNetModel
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in UNetModel(unet_config).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items()}
@@ -317,8 +354,6 @@ def _mismatch_report(path: Path, use_ema: bool, fallback_config: Any) -> tuple[s
 def _load_components(profile: Any, device: torch.device) -> tuple[Any, Any, Any]:
     """(text_encoder, tokenizer, vae) of a profile via ``sd_core.encoding.components.load_components``; a missing tiny
     build becomes a :class:`CompatibilityError` that says what to run."""
-    from sd_core.encoding.components import load_components
-
     try:
         comps = load_components(profile, device=device)
     except FileNotFoundError as exc:
@@ -432,8 +467,11 @@ def add_component_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA weights")
 
 
-def generate_main(argv: list[str] | None = None) -> int:
-    """`sd generate`: write one PNG per prompt (× --num-images) into --out."""
+class _UsageError(ValueError):
+    """A command-line argument that cannot be used (reported as ``sd generate: ...``, exit code 2)."""
+
+
+def _generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sd generate",
         description="Generate images from a trained checkpoint with DDIM + classifier-free guidance. "
@@ -460,33 +498,40 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="UNet weights dtype (default auto: bf16 on CUDA, fp32 elsewhere); latents and the "
                              "scheduler always run in fp32")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _image_prompts(args: argparse.Namespace) -> list[str]:
+    """One prompt per image to write: --prompt or the lines of --batch, each repeated --num-images times."""
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
         batch = Path(args.batch)
         if not batch.is_file():
-            print(f"sd generate: prompt file not found: {batch}", file=sys.stderr)
-            return 2
-        prompts = [ln.strip() for ln in batch.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+            raise _UsageError(f"prompt file not found: {batch}")
+        lines = [ln.strip() for ln in batch.read_text().splitlines()]
+        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
         if not prompts:
-            print(f"sd generate: {batch} holds no prompts", file=sys.stderr)
-            return 2
+            raise _UsageError(f"{batch} holds no prompts")
     if args.num_images < 1:
-        print("sd generate: --num-images must be at least 1", file=sys.stderr)
-        return 2
+        raise _UsageError("--num-images must be at least 1")
+    return [p for p in prompts for _ in range(args.num_images)]
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """`sd generate`: write one PNG per prompt (× --num-images) into --out."""
+    args = _generate_parser().parse_args(argv)
     try:
+        prompts = _image_prompts(args)
         device = pick_device(args.device)
         bundle = load_for_sampling(args.checkpoint, profile=args.profile, data_root=args.data_root,
                                    device=device, use_ema=not args.no_ema, dtype=resolve_dtype(args.dtype, device))
-    except (CheckpointError, CompatibilityError) as exc:
+    except (_UsageError, CheckpointError, CompatibilityError) as exc:
         print(f"sd generate: {exc}", file=sys.stderr)
         return 2
     sample_cfg = get_profile(args.profile, args.data_root).sample
-    expanded = [p for p in prompts for _ in range(args.num_images)]
     images = generate(
-        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, expanded,
+        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, prompts,
         negative_prompts=args.negative, steps=args.steps or sample_cfg.steps,
         guidance=args.guidance if args.guidance is not None else sample_cfg.guidance, eta=args.eta,
         seed=args.seed, height=args.height or sample_cfg.height, width=args.width or sample_cfg.width,
@@ -494,7 +539,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (prompt, img) in enumerate(zip(expanded, images)):
+    for i, (prompt, img) in enumerate(zip(prompts, images)):
         path = out / f"{i:04d}_seed{args.seed + i}_{_safe_name(prompt)}.png"
         img.save(path)
         print(path)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
-from sd_core.sampling.adherence import AdherenceResult, adherence
-from sd_core.atomic import temp_sibling
-from sd_core.training.checkpoint import CheckpointConfig, CheckpointError, latest_checkpoint
+from sd_core.atomic import write_atomic
 from sd_core.config import Profile
+from sd_core.sampling.adherence import AdherenceResult, adherence
+from sd_core.sampling.generate import generate, image_grid, load_for_sampling, pick_device, resolve_dtype
+from sd_core.training.checkpoint import CheckpointConfig, CheckpointError, latest_checkpoint
 
 
 @dataclass
@@ -61,16 +61,6 @@ def run_name(ckpt_dir: Path) -> str:
     return ckpt_dir.stem
 
 
-def save_png_atomic(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
-        img.save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def grid_is_valid(path: Path, size: tuple[int, int]) -> bool:
     """``path`` is a readable PNG of ``size`` (what the `grid_exists` check asserts)."""
     try:
@@ -85,8 +75,6 @@ def grid_is_valid(path: Path, size: tuple[int, int]) -> bool:
 def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -> SampleGrid:
     """Render ``profile.sample``'s prompts × seeds from ``checkpoint``'s EMA weights (DDIM + CFG) and write
     the grid under ``profile.samples_dir``."""
-    from sd_core.sampling.generate import generate, image_grid, load_for_sampling, pick_device, resolve_dtype
-
     cfg = profile.sample
     t0 = time.perf_counter()
     device = pick_device()
@@ -107,9 +95,9 @@ def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -
     run = run_name(bundle.checkpoint)
     out_dir = profile.samples_dir / run
     grid_path = out_dir / "grid.png"
-    save_png_atomic(grid, grid_path)
+    write_atomic(grid_path, lambda f: grid.save(f, format="PNG"))
     if bundle.step is not None:
-        save_png_atomic(grid, out_dir / f"grid_step_{bundle.step:08d}.png")
+        write_atomic(out_dir / f"grid_step_{bundle.step:08d}.png", lambda f: grid.save(f, format="PNG"))
     return SampleGrid(
         grid=grid, grid_path=grid_path, images=images, prompts=all_prompts, seeds=all_seeds,
         checkpoint=bundle.checkpoint, step=bundle.step, ema=bundle.ema, run=run, seconds=seconds,

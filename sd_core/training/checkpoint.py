@@ -46,8 +46,10 @@ from typing import Any, Mapping
 
 import torch
 
-from sd_core.atomic import atomic_dir, remove_dir, write_json_atomic, write_text_atomic
+from sd_core.atomic import atomic_dir, remove_dir, write_atomic, write_file_atomic, write_json_atomic, write_text_atomic
 from sd_core.config import UNetConfig
+from sd_core.model.convert import strip_wrapper_prefixes
+from sd_core.model.unet import UNetModel
 
 FORMAT = 1
 UNET_FILE = "unet.safetensors"
@@ -178,17 +180,10 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int:
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Remove DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) wrapper prefixes, in any nesting;
     two keys that collapse to one name are an error (they would silently overwrite each other)."""
-    from sd_core.model.convert import strip_wrapper_prefixes
-
     out = strip_wrapper_prefixes(state_dict)
     if len(out) != len(state_dict):
         raise CheckpointError("state dict has keys that differ only by wrapper prefixes (module./_orig_mod.)")
     return out
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -212,12 +207,8 @@ def save_weights(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Te
     """Write a state dict as safetensors (prefixes stripped, tensors made contiguous on CPU), atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in strip_prefixes(state_dict).items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
 
 
 def load_weights(path: str | os.PathLike[str], device: str | torch.device = "cpu"
@@ -319,8 +310,7 @@ def save_checkpoint(
         save_weights(tmp / UNET_FILE, unet_state, meta)
         if ema_state is not None:
             save_weights(tmp / EMA_FILE, ema_state, meta)
-        torch.save(dict(train_state), tmp / STATE_FILE)
-        _fsync_file(tmp / STATE_FILE)
+        write_atomic(tmp / STATE_FILE, lambda f: torch.save(dict(train_state), f))
         write_json_atomic(tmp / CONFIG_FILE, config.to_json())
     write_text_atomic(run / LATEST, name + "\n")
     if keep_last is not None and keep_last > 0:
@@ -395,8 +385,6 @@ def load_unet(
     ``config``: a ``UNetConfig`` for files that do not carry one. ``use_ema``: an alias of ``ema``.
     The checkpoint's ``config.json`` (step, lineage) is :func:`read_config`.
     """
-    from sd_core.model.unet import UNetModel
-
     if use_ema is not None:
         ema = use_ema
 

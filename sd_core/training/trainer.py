@@ -1,16 +1,17 @@
 """The UNet trainer: a program of its own, the same command by hand, from Dagster, on one GPU or many.
 
-    python -m sd_core.train --profile tiny --data-root data --max-steps 200          # one process
-    torchrun --nproc_per_node=2 -m sd_core.train --profile tiny --data-root data     # DDP (gloo on CPU)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 -m sd_core.train --profile sd15 ...
-    sd train --help
+Its command line is `sd_core.train` (``python -m sd_core.train``, ``torchrun ... -m sd_core.train``, ``sd train``),
+its flags and settings `sd_core.training.args`. :func:`train` reads top to bottom: start up, build the data, the
+text conditioning and the model, seed, restore (resume), open the log, wrap for DDP/compile, the loop (one
+optimiser step; log, validate and save on their intervals), report.
 
-Recipe (DESIGN.md section 5, the seeds): latents from the memory-mapped cache (`sd_core.encoding.latent_cache.LatentDataset`)
-under a ``DistributedSampler``; the frozen text encoder runs on the cached token ids (CFG dropout replaces a
-caption's ids with the ids of the empty prompt "", the sampler's unconditional convention); uniform timesteps
-and Gaussian noise; ε-prediction MSE with optional Min-SNR-γ weights; AdamW (fused on CUDA), linear warmup then
-cosine to lr × ``min_lr_ratio`` (1e-2; `sd_core.training.lr_schedule`); gradient clipping; gradient accumulation with DDP ``no_sync``;
-bf16 autocast on CUDA; EMA after every optimiser step (`sd_core.model.ema`).
+Recipe (DESIGN.md section 5, the seeds): latents from the memory-mapped cache
+(`sd_core.encoding.latent_cache.LatentDataset`) under a ``DistributedSampler``; the frozen text encoder runs on
+the cached token ids (CFG dropout replaces a caption's ids with the ids of the empty prompt "", the sampler's
+unconditional convention); uniform timesteps and Gaussian noise; ε-prediction MSE with optional Min-SNR-γ
+weights; AdamW (fused on CUDA), linear warmup then cosine to lr × ``min_lr_ratio`` (1e-2;
+`sd_core.training.lr_schedule`); gradient clipping; gradient accumulation with DDP ``no_sync``; bf16 autocast on
+CUDA; EMA after every optimiser step (`sd_core.model.ema`).
 
 Defaults come from the profile (``--profile``, ``--overrides`` JSON), every recipe flag overrides its
 ``TrainConfig`` field. Checkpoints (`sd_core.training.checkpoint`) go to ``--output-dir`` every
@@ -43,26 +44,40 @@ start of step STEP; STEP 0 = right after start-up).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import random
 import sys
 import time
 import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sd_core.atomic import write_json_atomic
+from sd_core.config import TrainConfig
+from sd_core.encoding import components as C
+from sd_core.encoding.latent_cache import LatentDataset
+from sd_core.model.ema import EMA
+from sd_core.model.schedulers import DDPMScheduler
+from sd_core.model.unet import UNetModel
+from sd_core.training import checkpoint as ckpt
+from sd_core.training import distributed as D
+from sd_core.training.args import Settings, build_parser, resolve_settings
+from sd_core.training.data_order import BatchReader, MicroBatches, split_indices
+from sd_core.training.faults import Faults
+from sd_core.training.lr_schedule import WarmupCosine
+from sd_core.training.metrics_log import MetricsLogger
+from sd_core.training.rng import rank_seed, rng_state, seed_rank, set_rng_state
 
-FAULT_ENV = "SD_TRAIN_FAULT"
 RESULT_FILE = "result.json"
 VAL_SEED = 20240601  # fixed: validation noise and timesteps do not depend on the training seed
 
@@ -71,323 +86,120 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm of an optimiser step was NaN or infinite."""
 
 
-# ============================================================================================ arguments
-def _number(cast: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-            hi_open: bool = False):
-    """An argparse ``type=`` parsing ``cast`` (int or float) within [lo, hi] (open ends where asked); its
-    errors read "argument --flag: must be ...", so the message names the flag."""
-    bounds = (("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
-              + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]"))
-
-    def parse(s: str):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, "
-                                             f"got {s!r}") from None
-        if cast is float and not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
-        if (lo is not None and (v < lo or (lo_open and v == lo))) or \
-                (hi is not None and (v > hi or (hi_open and v == hi))):
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {v}")
-        return v
-
-    parse.__name__ = f"{cast.__name__} in {bounds}"
-    return parse
-
-
-_positive_int = _number(int, 0, lo_open=True)
-_nonneg_int = _number(int, 0)
-_positive_float = _number(float, 0.0, lo_open=True)
-_nonneg_float = _number(float, 0.0)
-_probability = _number(float, 0.0, 1.0, hi_open=True)
-_unit_interval = _number(float, 0.0, 1.0)
-
-
-def _gamma(s: str) -> float:
-    """Min-SNR γ: a positive number; 0 or 'none' turns the weighting off (stored as 0)."""
-    if s.strip().lower() in ("none", "off", "0", "0.0"):
-        return 0.0
-    return _positive_float(s)
-
-
-def _resume(s: str) -> str:
-    if s in ("auto", "none"):
-        return s
-    if not Path(s).exists():
-        raise argparse.ArgumentTypeError(f"'auto', 'none' or an existing checkpoint path, got {s!r} (not found)")
-    return s
-
-
-def _json_object(s: str) -> dict[str, Any]:
-    try:
-        v = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at {e.pos}): {s!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(v).__name__}")
-    return v
-
-
-def _shard_list(s: str) -> list[str]:
-    names = [x.strip() for x in s.split(",") if x.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated shard names")
-    return names
-
-
-# flag dest -> TrainConfig field (the flags that override the profile's training config)
-_TRAIN_FLAGS = {
-    "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
-    "warmup_steps": "warmup_steps", "max_steps": "max_steps", "epochs": "epochs", "seed": "seed",
-    "min_snr_gamma": "min_snr_gamma", "cfg_dropout": "cfg_dropout", "ema_decay": "ema_decay",
-    "grad_clip": "grad_clip", "grad_ckpt": "grad_ckpt", "compile": "compile", "channels_last": "channels_last",
-    "checkpoint_every": "checkpoint_every", "keep_last": "keep_last", "log_every": "log_every",
-    "val_share": "val_share", "val_every": "val_every", "val_max_samples": "val_max_samples",
-    "wandb": "wandb", "wandb_mode": "wandb_mode", "wandb_project": "wandb_project",
-    "num_workers": "num_workers", "min_lr_ratio": "min_lr_ratio",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sd train",
-        description="Train the UNet on the latent cache (run it under torchrun for several processes). "
-                    "Recipe flags default to the profile's TrainConfig; any flag given overrides it.",
-        epilog="Example: torchrun --standalone --nproc_per_node=2 -m sd_core.train --profile tiny "
-               "--data-root data --max-steps 300. Test-only fault injection: SD_TRAIN_FAULT=nan@STEP or "
-               "crash@STEP[:RANK] (see the module documentation).",
-    )
-    g = p.add_argument_group("data and output")
-    g.add_argument("--profile", default=None, help="profile name (default: $SD_PROFILE or tiny)")
-    g.add_argument("--data-root", default=None, help="data root (default: $SD_DATA_ROOT or ./data)")
-    g.add_argument("--overrides", type=_json_object, default=None,
-                   help='profile overrides as JSON, e.g. \'{"train": {"lr": 5e-4}}\'')
-    g.add_argument("--latents-dir", default=None, help="latent cache directory (default: {data-root}/latents)")
-    g.add_argument("--shards", type=_shard_list, default=None,
-                   help="comma-separated shards to train on (default: every shard in the latent manifest)")
-    g.add_argument("--components-dir", default=None,
-                   help="directory with text_encoder/ and tokenizer/ (default: the profile's components)")
-    g.add_argument("--output-dir", default=None,
-                   help="run directory for checkpoints and logs (default: {data-root}/checkpoints/{run-id})")
-    g.add_argument("--run-id", default=None,
-                   help="run name (default: $DAGSTER_RUN_ID, else a UTC timestamp)")
-    g.add_argument("--resume", type=_resume, default="auto",
-                   help="'auto': continue from {output-dir}/latest if present; a checkpoint or run directory; "
-                        "'none': start fresh (an existing run directory is then refused)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
-    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="STEP",
-                   help="end this invocation at step STEP (checkpointed) while the LR schedule keeps its full "
-                        "length; continue later with --resume (for time-limited jobs)")
-
-    r = p.add_argument_group("recipe (defaults: the profile's TrainConfig)")
-    r.add_argument("--batch-size", type=_positive_int, default=None, help="micro-batch size per process")
-    r.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimiser step")
-    r.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
-    r.add_argument("--min-lr-ratio", type=_unit_interval, default=None,
-                   help="final lr of the cosine decay as a fraction of --lr")
-    r.add_argument("--weight-decay", type=_nonneg_float, default=None, help="AdamW weight decay")
-    r.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warmup steps")
-    r.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="optimiser steps to train (with --epochs: whichever ends first)")
-    r.add_argument("--epochs", type=_positive_int, default=None,
-                   help="epochs to train (given alone, it replaces the profile's max steps)")
-    r.add_argument("--seed", type=_nonneg_int, default=None, help="seed of init, data order, noise")
-    r.add_argument("--min-snr-gamma", type=_gamma, default=None, help="Min-SNR γ (0 or 'none': unweighted)")
-    r.add_argument("--cfg-dropout", type=_probability, default=None,
-                   help="probability of replacing a caption by the empty prompt")
-    r.add_argument("--ema-decay", type=_unit_interval, default=None, help="EMA decay (warmup-corrected)")
-    r.add_argument("--grad-clip", type=_positive_float, default=None, help="gradient-norm clip")
-    r.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradient checkpointing")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the UNet")
-    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format")
-    r.add_argument("--num-workers", type=_nonneg_int, default=None, help="DataLoader worker processes")
-
-    c = p.add_argument_group("checkpoints, validation, logging")
-    c.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint interval (steps)")
-    c.add_argument("--keep-last", type=_positive_int, default=None, help="checkpoints to keep")
-    c.add_argument("--log-every", type=_positive_int, default=None, help="metrics interval (steps)")
-    c.add_argument("--val-share", type=_probability, default=None, help="held-out share of samples")
-    c.add_argument("--val-every", type=_positive_int, default=None, help="validation interval (steps)")
-    c.add_argument("--val-max-samples", type=_nonneg_int, default=None, help="validation samples scored")
-    c.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None, help="log to wandb")
-    c.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default=None,
-                   help="wandb mode ($WANDB_MODE wins when set)")
-    c.add_argument("--wandb-project", default=None, help="wandb project")
-    c.add_argument("--wandb-run-name", default=None, help="wandb run name (default: the run id)")
-    _annotate_profile_defaults(p)
-    return p
-
-
-def _annotate_profile_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append each recipe flag's profile defaults to its help, e.g. "[tiny: 32, sd15: 128]"."""
-    from sd_core.config import PROFILES
-
-    trains = {name: make().train for name, make in PROFILES.items()}
-    for action in parser._actions:
-        field = _TRAIN_FLAGS.get(action.dest)
-        if field is None:
-            continue
-        values = ", ".join(f"{name}: {getattr(t, field)}" for name, t in trains.items())
-        action.help = f"{action.help} [{values}]"
-
-
-# ============================================================================================== settings
+# ====================================================================================== the run's pieces
 @dataclass
-class Settings:
-    """Everything one training run needs, resolved from flags + profile."""
+class Data:
+    """The latent cache as this rank sees it: training and held-out indices, the micro-batch order."""
 
-    profile: Any  # sd_core.config.Profile with the final TrainConfig
-    latents_dir: Path
-    shards: list[str] | None
-    components_dir: Path | None
-    output_dir: Path
-    run_id: str
-    resume: str
-    device: str
-    wandb_run_name: str | None
-    stop_after: int | None = None
+    dataset: LatentDataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    batches: MicroBatches
+    total_steps: int  # the LR schedule's length, even when --stop-after ends this invocation sooner
+
+
+@dataclass
+class TextConditioner:
+    """The frozen text encoder (it runs on the cached token ids) and the ids CFG dropout swaps in."""
+
+    encoder: Any  # a transformers CLIPTextModel in eval mode
+    empty_ids: torch.Tensor  # the empty prompt "", the sampler's unconditional embedding
+    token_len: int
+    hidden: int
+
+
+@dataclass
+class Model:
+    """The UNet and what updates it. ``forward`` is what a training step calls (the UNet, DDP-wrapped and/or
+    compiled, see :func:`wrap_for_training`); validation and checkpoints use ``unet`` itself."""
+
+    unet: UNetModel
+    ema: EMA
+    optimizer: torch.optim.AdamW
+    lr_sched: WarmupCosine
+    noise_sched: DDPMScheduler
+    ddp: DDP | None = None
+    forward: Callable[..., torch.Tensor] | None = None
+
+
+@dataclass
+class Validation:
+    """Fixed noise and timesteps of the held-out samples, drawn once from their own generator."""
+
+    noise: torch.Tensor
+    t: torch.Tensor
+
+
+@dataclass
+class Progress:
+    """Where the run stands: restored on resume, advanced by the loop, saved in checkpoints, reported."""
+
+    step: int = 0
+    best_loss: float | None = None
+    best_val: float | None = None
+    last_loss: float | None = None
+    last_val: float | None = None
+    resumed_from: Path | None = None
+    last_checkpoint: str | None = None
+
+    def took_step(self, loss: float) -> None:
+        self.step += 1
+        self.last_loss = loss
+        self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
+
+    def validated(self, val_loss: float) -> None:
+        self.last_val = val_loss
+        self.best_val = val_loss if self.best_val is None else min(self.best_val, val_loss)
+
+
+@dataclass
+class Run:
+    """What the steps of one run share: built once by :func:`train`, passed to each step explicitly."""
+
+    settings: Settings
+    info: D.DistInfo
+    faults: Faults
+    data: Data
+    text: TextConditioner
+    model: Model
+    gen: torch.Generator  # this rank's draws of noise, t and CFG dropout (see rng.seed_rank)
+    log: MetricsLogger
+    validation: Validation | None  # None: no held-out samples
+    record: ckpt.CheckpointConfig  # every checkpoint's config.json, with its own step
 
     @property
-    def train(self):
-        return self.profile.train
+    def tcfg(self) -> TrainConfig:
+        return self.settings.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def predict(self, module: Callable[..., torch.Tensor], x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                tok: torch.Tensor) -> torch.Tensor:
+        """``module``'s ε prediction for ``x0`` noised with ``noise`` to timesteps ``t``, given token ids ``tok``."""
+        with torch.no_grad(), self.autocast():
+            ctx = self.text.encoder(tok)[0]
+        memory_format = torch.channels_last if self.tcfg.channels_last else torch.contiguous_format
+        xt = self.model.noise_sched.add_noise(x0, noise, t).contiguous(memory_format=memory_format)
+        with self.autocast():
+            return module(xt, t, ctx)
 
 
-def _default_run_id() -> str:
-    rid = os.environ.get("DAGSTER_RUN_ID")
-    if rid:
-        return rid
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ε-prediction MSE (the mean over channels and pixels), times Min-SNR-γ ``weights`` if given."""
+    per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    return per_sample if weights is None else per_sample * weights
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    from sd_core.config import get_profile
-
-    profile = get_profile(args.profile, args.data_root, args.overrides)
-    changes = {field: getattr(args, dest) for dest, field in _TRAIN_FLAGS.items() if getattr(args, dest) is not None}
-    if args.epochs is not None and args.max_steps is None:
-        changes["max_steps"] = None
-    if changes.get("min_snr_gamma") == 0.0:
-        changes["min_snr_gamma"] = None
-    tcfg = dataclasses.replace(profile.train, **changes)
-    if tcfg.max_steps is None and tcfg.epochs is None:
-        raise ValueError("neither max_steps nor epochs is set: give --max-steps or --epochs")
-    profile = dataclasses.replace(profile, train=tcfg)
-    run_id = args.run_id or _default_run_id()
-    out = Path(args.output_dir) if args.output_dir else profile.checkpoints_dir / run_id
-    return Settings(
-        profile=profile,
-        latents_dir=Path(args.latents_dir) if args.latents_dir else profile.latents_dir,
-        shards=args.shards,
-        components_dir=Path(args.components_dir) if args.components_dir else None,
-        output_dir=out,
-        run_id=run_id,
-        resume=args.resume,
-        device=args.device,
-        wandb_run_name=args.wandb_run_name,
-        stop_after=args.stop_after,
-    )
-
-
-# ============================================================================================== faults
-@dataclass(frozen=True)
-class _Faults:
-    nan_steps: frozenset[int] = frozenset()
-    crashes: tuple[tuple[int, int | None], ...] = ()
-
-    @classmethod
-    def from_env(cls) -> "_Faults":
-        spec = os.environ.get(FAULT_ENV, "").strip()
-        if not spec:
-            return cls()
-        nan, crash = set(), []
-        for item in spec.split(","):
-            kind, _, rest = item.strip().partition("@")
-            if kind == "nan":
-                nan.add(int(rest))
-            elif kind == "crash":
-                step, _, rank = rest.partition(":")
-                crash.append((int(step), int(rank) if rank else None))
-            else:
-                raise ValueError(f"{FAULT_ENV}: unknown fault {item!r} (expected nan@STEP or crash@STEP[:RANK])")
-        return cls(frozenset(nan), tuple(crash))
-
-    def maybe_crash(self, step: int, rank: int) -> None:
-        for s, r in self.crashes:
-            if s == step and (r is None or r == rank):
-                raise RuntimeError(f"injected crash at step {step} on rank {rank} ({FAULT_ENV})")
-
-
-# ============================================================================================ RNG state
-def _rng_state(generator: Any) -> dict[str, Any]:
-    """Every RNG this process draws from, as tensors/lists (weights_only-loadable)."""
-    import torch
-
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch_cpu": torch.get_rng_state(),
-        # this rank's device only (get_rng_state_all would open a context on every visible GPU)
-        "torch_cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "generator": generator.get_state(),
-        "generator_device": str(generator.device),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], generator: Any) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch_cpu"].cpu())
-    if state.get("torch_cuda") is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(state["torch_cuda"].cpu())
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    generator.set_state(state["generator"].cpu())
-
-
-# ========================================================================================= text encoder
-def load_text_encoder(settings: Settings, device: Any):
-    """(frozen text encoder in eval mode on ``device``, tokenizer) of the profile (`sd_core.encoding.components`), or
-    from ``--components-dir`` (its ``text_encoder/`` and ``tokenizer/``)."""
-    import torch
-
-    import transformers
-
-    from sd_core.encoding import components as C
-
-    transformers.utils.logging.disable_progress_bar()
-    if settings.components_dir is not None:
-        te_src, tok_src = str(settings.components_dir / "text_encoder"), str(settings.components_dir / "tokenizer")
-    else:
-        src = C.component_sources(settings.profile)
-        te_src, tok_src = src.text_encoder, src.tokenizer
-    for s in (te_src, tok_src):
-        if (settings.components_dir is not None or settings.profile.components.build_tiny) and not Path(s).is_dir():
-            raise FileNotFoundError(f"{s} not found: materialise the `frozen_components` asset first "
-                                    f"(or pass --components-dir)")
-    text_encoder = C.load_text_encoder(te_src, device=device, dtype=torch.float32)
-    tokenizer = C.load_tokenizer(tok_src, settings.profile.components.max_length)
-    return text_encoder, tokenizer
-
-
-def empty_prompt_ids(tokenizer: Any, length: int) -> "Any":
-    """Token ids of "" padded to ``length``, exactly as the sampler and the latent cache tokenize."""
-    from sd_core.encoding.components import tokenize
-
-    return tokenize(tokenizer, [""], length)[0]
-
-
-# =============================================================================================== train
+# ================================================================================================ train
 @dataclass
 class TrainResult:
+    """What a run ended with (every rank returns it; rank 0 writes it to result.json and reports it)."""
+
     steps: int
     final_loss: float | None
     best_loss: float | None
@@ -403,13 +215,300 @@ class TrainResult:
     num_train_samples: int
     num_val_samples: int
 
+    def as_metadata(self) -> dict[str, Any]:
+        """The final metrics as Dagster Pipes metadata (paths typed as paths; unset values left out)."""
+        md: dict[str, Any] = {
+            "steps": self.steps,
+            "final_loss": self.final_loss,
+            "best_loss": self.best_loss,
+            "final_val_loss": self.final_val_loss,
+            "best_val_loss": self.best_val_loss,
+            "samples_per_s": self.samples_per_s,
+            "checkpoint_path": {"raw_value": self.checkpoint, "type": "path"} if self.checkpoint else None,
+            "output_dir": {"raw_value": self.output_dir, "type": "path"},
+            "manifest_hash": self.manifest_hash,
+            "world_size": self.world_size,
+            "wandb_run": self.wandb_run or "disabled",
+            "num_train_samples": self.num_train_samples,
+            "num_val_samples": self.num_val_samples,
+        }
+        return {k: v for k, v in md.items() if v is not None}
+
+
+def train(settings: Settings) -> TrainResult:
+    """Run one training job (this process's part of it); returns the final metrics (on every rank).
+
+    On failure the exception passes through the run's context managers (Dagster Pipes reports it to the run;
+    :func:`main` writes the traceback to ``errors/rank{R}.txt``) and the process group is left to die with the
+    process: a clean destroy could wait on a dead peer."""
+    faults = Faults.from_env()
+    info = D.init_distributed(settings.device)
+    # every rank writes to rank 0's directory (a default run id is a timestamp: ranks could disagree)
+    settings.output_dir = Path(D.broadcast_object(str(settings.output_dir), info))
+    with contextlib.ExitStack() as stack:
+        pipes = start_up(settings.output_dir, info, stack)
+        faults.maybe_crash(0, info.rank)
+        data = build_data(settings, info)
+        text = load_text_conditioner(settings, data.dataset, info.device)
+        model = build_model(settings, data.total_steps, info.device)
+        # per-rank seeds for everything random in the loop; a dedicated generator draws noise, t and dropout
+        gen = seed_rank(settings.train.seed, info.rank, info.device)
+        progress = restore(settings, info, model, gen)
+        log, wandb_run = open_log(settings, info, progress, pipes, stack)
+        log.info(describe_run(settings, info, data, model.unet, progress))
+        wrap_for_training(model, info, settings.train.compile)
+        run = Run(settings, info, faults, data, text, model, gen, log,
+                  validation=fixed_validation(data, model.noise_sched),
+                  record=checkpoint_record(settings, info, data.dataset, text))
+        throughput = train_loop(run, progress)
+        result = report(run, progress, throughput, wandb_run, pipes)
+    D.cleanup(info)
+    return result
+
+
+def train_loop(run: Run, progress: Progress) -> Throughput:
+    """Optimiser steps up to this invocation's end, logging, validating and checkpointing on their intervals."""
+    tcfg = run.tcfg
+    batches = micro_batches(run, progress.step)
+    throughput = Throughput(tcfg.batch_size * tcfg.grad_accum * run.info.world_size)
+    run.model.unet.train()
+    if progress.resumed_from is None:  # the baseline: validation loss of the initial weights
+        log_validation(run, 0, validate(run))
+        throughput.restart_clock()
+    end = min(run.data.total_steps, run.settings.stop_after) if run.settings.stop_after else run.data.total_steps
+    while progress.step < end:
+        run.faults.maybe_crash(progress.step + 1, run.info.rank)
+        loss, grad_norm, lr = optimiser_step(run, batches, progress)
+        progress.took_step(loss)
+        throughput.steps += 1
+        step = progress.step
+        if step % tcfg.log_every == 0 or step == end:
+            log_train(run, step, loss, grad_norm, lr, throughput.measure(run.device))
+            throughput.new_window()
+        if step % tcfg.val_every == 0 or step == end:
+            val_loss = validate(run)
+            if val_loss is not None:
+                progress.validated(val_loss)
+            log_validation(run, step, val_loss)
+            throughput.restart_clock()
+        if step % tcfg.checkpoint_every == 0 or step == end:
+            progress.last_checkpoint = str(save(run, progress))  # "None" on ranks other than 0
+            throughput.restart_clock()
+    return throughput
+
+
+# ============================================================================================= start-up
+def start_up(out: Path, info: D.DistInfo, stack: contextlib.ExitStack) -> Any:
+    """The run directory with this rank's PID (so a launcher can clean up after a cancelled run), Dagster Pipes
+    on rank 0 when launched by Dagster (closed by ``stack``), TF32 matmuls on CUDA. Returns Pipes or None."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pids").mkdir(exist_ok=True)
+    write_json_atomic(out / "pids" / f"rank{info.rank}.json", {"pid": os.getpid(), "ppid": os.getppid()})
+    pipes = _open_pipes(stack) if info.is_main else None
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return pipes
+
 
 def _open_pipes(stack: contextlib.ExitStack) -> Any:
     if "DAGSTER_PIPES_CONTEXT" not in os.environ:
         return None
-    from dagster_pipes import open_dagster_pipes
+    from dagster_pipes import open_dagster_pipes  # only when launched by Dagster
 
     return stack.enter_context(open_dagster_pipes())
+
+
+def build_data(settings: Settings, info: D.DistInfo) -> Data:
+    """The latent cache, its held-out split, this rank's micro-batch order and the run's length in steps."""
+    tcfg = settings.train
+    dataset = LatentDataset(settings.latents_dir, settings.shards)
+    if len(dataset) == 0:
+        raise RuntimeError(f"the latent cache {settings.latents_dir} is empty: encode some shards first")
+    train_idx, val_idx = split_indices(dataset, tcfg.val_share)
+    if len(val_idx) > tcfg.val_max_samples:  # an evenly spread, fixed subset (every shard contributes)
+        val_idx = val_idx[np.linspace(0, len(val_idx) - 1, tcfg.val_max_samples).round().astype(np.int64)]
+    batches = MicroBatches(train_idx, batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
+                           world_size=info.world_size, rank=info.rank, seed=tcfg.seed)
+    if batches.steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_idx)} training samples are too few for one optimiser step of batch_size "
+            f"{tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {info.world_size} processes")
+    total = tcfg.max_steps or 0
+    if tcfg.epochs is not None:
+        by_epochs = tcfg.epochs * batches.steps_per_epoch
+        total = min(total, by_epochs) if tcfg.max_steps else by_epochs
+    return Data(dataset, train_idx, val_idx, batches, total)
+
+
+def load_text_encoder(settings: Settings, device: torch.device) -> tuple[Any, Any]:
+    """(frozen text encoder in eval mode on ``device``, tokenizer) of the profile (`sd_core.encoding.components`), or
+    from ``--components-dir`` (its ``text_encoder/`` and ``tokenizer/``)."""
+    transformers.utils.logging.disable_progress_bar()
+    if settings.components_dir is not None:
+        te_src, tok_src = str(settings.components_dir / "text_encoder"), str(settings.components_dir / "tokenizer")
+    else:
+        src = C.component_sources(settings.profile)
+        te_src, tok_src = src.text_encoder, src.tokenizer
+    for s in (te_src, tok_src):
+        if (settings.components_dir is not None or settings.profile.components.build_tiny) and not Path(s).is_dir():
+            raise FileNotFoundError(f"{s} not found: materialise the `frozen_components` asset first "
+                                    f"(or pass --components-dir)")
+    text_encoder = C.load_text_encoder(te_src, device=device, dtype=torch.float32)
+    tokenizer = C.load_tokenizer(tok_src, settings.profile.components.max_length)
+    return text_encoder, tokenizer
+
+
+def empty_prompt_ids(tokenizer: Any, length: int) -> torch.Tensor:
+    """Token ids of "" padded to ``length``, exactly as the sampler and the latent cache tokenize."""
+    return C.tokenize(tokenizer, [""], length)[0]
+
+
+def load_text_conditioner(settings: Settings, dataset: LatentDataset, device: torch.device) -> TextConditioner:
+    """The text encoder, checked against the UNet's context width, and the empty prompt at the cache's length."""
+    text_encoder, tokenizer = load_text_encoder(settings, device)
+    hidden = int(text_encoder.config.hidden_size)
+    if hidden != settings.profile.unet.ctx_dim:
+        raise ValueError(f"text encoder hidden size {hidden} != UNet ctx_dim {settings.profile.unet.ctx_dim}")
+    token_len = int(dataset.get_batch([0])[1].shape[1])
+    return TextConditioner(text_encoder, empty_prompt_ids(tokenizer, token_len).to(device), token_len, hidden)
+
+
+def build_model(settings: Settings, total_steps: int, device: torch.device) -> Model:
+    """The UNet, its EMA, AdamW (fused on CUDA), the LR schedule over ``total_steps`` and the noise schedule."""
+    tcfg = settings.train
+    torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    unet = UNetModel(settings.profile.unet).to(device)
+    if tcfg.grad_ckpt:
+        unet.enable_gradient_checkpointing()
+    if tcfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    ema = EMA(unet, decay=tcfg.ema_decay)
+    opt_kwargs: dict[str, Any] = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
+    if device.type == "cuda":
+        opt_kwargs["fused"] = True
+    optimizer = torch.optim.AdamW(unet.parameters(), **opt_kwargs)
+    lr_sched = WarmupCosine(optimizer, tcfg.lr, tcfg.warmup_steps, total_steps, final_ratio=tcfg.min_lr_ratio)
+    return Model(unet, ema, optimizer, lr_sched, DDPMScheduler())
+
+
+def wrap_for_training(model: Model, info: D.DistInfo, compile_unet: bool) -> None:
+    """Set ``model.forward``: DDP first, then compile (DDPOptimizer splits the graph at bucket boundaries:
+    communication overlaps the backward pass). Validation runs the plain module (no DDP hooks, no second
+    compilation)."""
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    model.ddp = DDP(model.unet, device_ids=device_ids) if info.distributed else None
+    forward = model.ddp if model.ddp is not None else model.unet
+    model.forward = torch.compile(forward) if compile_unet else forward
+
+
+def fixed_validation(data: Data, noise_sched: DDPMScheduler) -> Validation | None:
+    """Timesteps, then noise, for every held-out sample from the fixed ``VAL_SEED`` (None without any)."""
+    if not len(data.val_idx):
+        return None
+    vg = torch.Generator().manual_seed(VAL_SEED)
+    t = torch.randint(0, noise_sched.num_train_timesteps, (len(data.val_idx),), generator=vg)
+    noise = torch.randn((len(data.val_idx), *data.dataset.latent_shape), generator=vg)
+    return Validation(noise=noise, t=t)
+
+
+def checkpoint_record(settings: Settings, info: D.DistInfo, dataset: LatentDataset,
+                      text: TextConditioner) -> ckpt.CheckpointConfig:
+    """The config.json of this run's checkpoints (each save sets its step): the UNet and the run's lineage."""
+    return ckpt.CheckpointConfig(
+        step=0, unet=settings.profile.unet, profile=settings.profile.name, run_id=settings.run_id,
+        world_size=info.world_size, manifest_hash=dataset.manifest_hash, shards=tuple(dataset.shards),
+        latents_dir=str(settings.latents_dir), scaling_factor=dataset.scaling_factor,
+        text=ckpt.TextConditioning(text.token_len, text.hidden,
+                                   str(settings.components_dir or settings.profile.components_dir)),
+        train=dataclasses.asdict(settings.train), filter=dataclasses.asdict(settings.profile.filter),
+        source=dataclasses.asdict(settings.profile.source))
+
+
+# =============================================================================================== resume
+def resume_point(settings: Settings) -> Path | None:
+    """The checkpoint to continue from: the run's latest (``auto``, if any) or the one given; ``none`` refuses a
+    run directory that already holds checkpoints."""
+    out = settings.output_dir
+    if settings.resume == "auto":
+        return ckpt.latest_checkpoint(out)
+    if settings.resume != "none":
+        return ckpt.resolve_checkpoint(settings.resume)
+    if ckpt.list_checkpoints(out):
+        raise RuntimeError(f"{out} already holds checkpoints and --resume none was given: choose another "
+                           f"--output-dir or resume")
+    return None
+
+
+def restore(settings: Settings, info: D.DistInfo, model: Model, gen: torch.Generator) -> Progress:
+    """Load weights, EMA, optimiser, LR schedule, step, best losses and the RNG states from the resume point
+    (a fresh :class:`Progress` without one)."""
+    path = resume_point(settings)
+    if path is None:
+        return Progress()
+    saved_unet = ckpt.read_config(path).unet
+    if saved_unet != settings.profile.unet:
+        raise ckpt.CheckpointError(
+            f"cannot resume from {path}: it holds a UNet of config {saved_unet}, the profile asks for "
+            f"{dataclasses.asdict(settings.profile.unet)} (use another --output-dir or --resume none)")
+    state = ckpt.load_train_state(path)
+    unet_sd, _ = ckpt.load_weights(path / ckpt.UNET_FILE)
+    model.unet.load_state_dict(unet_sd)
+    ema_sd, _ = ckpt.load_weights(path / ckpt.EMA_FILE)
+    model.ema.load_state_dict({"shadow": ema_sd, **state["ema"]})
+    model.optimizer.load_state_dict(state["optimizer"])
+    model.lr_sched.load_state_dict(state["lr_schedule"])
+    progress = Progress(step=int(state["step"]), best_loss=state.get("best_loss"),
+                        best_val=state.get("best_val_loss"), resumed_from=path, last_checkpoint=str(path))
+    restore_rng(settings, info, state, gen, path)
+    return progress
+
+
+def restore_rng(settings: Settings, info: D.DistInfo, state: dict[str, Any], gen: torch.Generator,
+                path: Path) -> None:
+    """This rank's saved RNG states when the layout (world size, batch size, accumulation, seed) is unchanged:
+    the run continues bit-identically. Otherwise the streams are re-seeded, with a warning."""
+    tcfg = settings.train
+    data, rngs = state["data"], state["rng"]
+    same_layout = (data["world_size"], data["batch_size"], data["grad_accum"], data["seed"]) == (
+        info.world_size, tcfg.batch_size, tcfg.grad_accum, tcfg.seed)
+    if same_layout and len(rngs) == info.world_size:
+        set_rng_state(rngs[info.rank], gen)
+        return
+    if info.is_main:
+        print(f"warning: resuming with a different world size / batch layout / seed than "
+              f"{path} was saved with ({data}): the data order continues approximately and "
+              f"RNG streams are re-seeded", file=sys.stderr, flush=True)
+    gen.manual_seed(rank_seed(tcfg.seed, info.rank) + 7919 * int(state["step"]))
+
+
+# ================================================================================================== log
+def open_log(settings: Settings, info: D.DistInfo, progress: Progress, pipes: Any,
+             stack: contextlib.ExitStack) -> tuple[MetricsLogger, Any]:
+    """The metrics log (rank 0 writes; to wandb too when asked) and the wandb run, both closed by ``stack``,
+    which logs a failure first."""
+    wandb_run = None
+    if info.is_main:
+        wandb_run = _init_wandb(settings, {"train": dataclasses.asdict(settings.train),
+                                           "unet": dataclasses.asdict(settings.profile.unet),
+                                           "profile": settings.profile.name, "world_size": info.world_size})
+        if wandb_run is not None:
+            stack.callback(wandb_run.finish)
+    log = MetricsLogger(settings.output_dir, enabled=info.is_main,
+                        resume_step=progress.step if progress.resumed_from else None, wandb_run=wandb_run,
+                        pipes=pipes)
+    stack.callback(log.close)
+    stack.enter_context(_logging_failure(log))
+    return log, wandb_run
+
+
+@contextlib.contextmanager
+def _logging_failure(log: MetricsLogger) -> Iterator[None]:
+    try:
+        yield
+    except BaseException as e:
+        log.info(f"[train] failed: {type(e).__name__}: {e}")
+        raise
 
 
 def _init_wandb(settings: Settings, config: dict[str, Any]) -> Any:
@@ -419,13 +518,212 @@ def _init_wandb(settings: Settings, config: dict[str, Any]) -> Any:
     mode = os.environ.get("WANDB_MODE") or tcfg.wandb_mode
     if mode == "disabled":
         return None
-    import wandb
+    import wandb  # optional, and slow to import
 
     id_file = settings.output_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
     return wandb.init(project=tcfg.wandb_project, name=settings.wandb_run_name or settings.run_id, id=run_id,
                       resume="allow", mode=mode, dir=str(settings.output_dir), config=config)
+
+
+def describe_run(settings: Settings, info: D.DistInfo, data: Data, unet: UNetModel, progress: Progress) -> str:
+    """The start-up line: profile, model size, processes, data, steps, output (and where a resume starts)."""
+    tcfg = settings.train
+    n_params = sum(p.numel() for p in unet.parameters())
+    return (f"[train] {settings.profile.name} profile, {n_params:,} UNet params, {info.world_size} process(es) "
+            f"on {info.device} ({info.backend or 'no process group'}); {len(data.dataset)} latents in "
+            f"{len(data.dataset.shards)} shard(s): {len(data.train_idx)} train / {len(data.val_idx)} validation; "
+            f"{data.total_steps} steps of {tcfg.batch_size}x{tcfg.grad_accum}x{info.world_size} samples "
+            f"({data.batches.steps_per_epoch} steps/epoch); output {settings.output_dir}"
+            + (f"; resumed from {progress.resumed_from} at step {progress.step}" if progress.resumed_from else ""))
+
+
+def log_train(run: Run, step: int, loss: float, grad_norm: float, lr: float, samples_per_s: float) -> None:
+    epoch, _ = run.data.batches.position(step - 1)
+    run.log.log({"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                 "samples_per_s": samples_per_s, "time": time.time()})
+    run.log.info(f"[train] step {step}/{run.data.total_steps} loss {loss:.4f} lr {lr:.3g} grad norm {grad_norm:.3f} "
+                 f"{samples_per_s:.1f} samples/s")
+
+
+def log_validation(run: Run, step: int, val_loss: float | None) -> None:
+    if val_loss is None:
+        return
+    run.log.log({"kind": "val", "step": step, "val_loss": val_loss, "val_samples": len(run.data.val_idx),
+                 "time": time.time()})
+    run.log.info(f"[train] step {step} validation loss {val_loss:.4f}")
+
+
+class Throughput:
+    """Samples per second over the windows between train log lines; the clock restarts after validating and
+    saving, so their time is left out."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+        self.windows: list[float] = []
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def new_window(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def measure(self, device: torch.device) -> float:
+        """This window's samples/s so far (recorded), once the GPU has finished its queued work."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples_per_s = self.steps * self.samples_per_step / max(time.perf_counter() - self.t0, 1e-9)
+        self.windows.append(samples_per_s)
+        return samples_per_s
+
+    def steady(self) -> float | None:
+        """The mean, leaving out the first window (start-up, compilation) when there are others."""
+        steady = self.windows[1:] if len(self.windows) > 1 else self.windows
+        return (sum(steady) / len(steady)) if steady else None
+
+
+# ================================================================================================= step
+def micro_batches(run: Run, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (latents, token ids) micro-batches from optimiser step ``start_step`` on, in DataLoader
+    workers (``num_workers``; default 4 on CUDA, none on CPU)."""
+    cuda = run.device.type == "cuda"
+    workers = run.tcfg.num_workers if run.tcfg.num_workers is not None else (4 if cuda else 0)
+    loader = torch.utils.data.DataLoader(
+        BatchReader(run.data.dataset), batch_size=None, sampler=run.data.batches.iter_from(start_step),
+        num_workers=workers, pin_memory=cuda, generator=torch.Generator(),
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    return iter(loader)
+
+
+def optimiser_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                   progress: Progress) -> tuple[float, float, float]:
+    """Accumulate gradients over ``grad_accum`` micro-batches, clip, step (optimiser, LR schedule, EMA); returns
+    (loss, gradient norm, lr used), averaged over ranks. A non-finite loss or norm stops before the step."""
+    tcfg, model = run.tcfg, run.model
+    loss = accumulate_gradients(run, batches, progress.step + 1)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.unet.parameters(), tcfg.grad_clip)
+    stats = torch.stack([loss.float(), grad_norm.float().to(run.device)])
+    D.all_reduce_sum(stats, run.info)
+    loss_v, gn_v = (stats / run.info.world_size).tolist()
+    if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
+        what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {progress.step + 1} (loss {loss_v}, grad norm {gn_v}): training stopped "
+            f"before the optimiser step; the last good checkpoint is "
+            f"{progress.last_checkpoint or 'none (none saved yet)'}")
+    model.optimizer.step()
+    lr_used = model.lr_sched.current_lr
+    model.lr_sched.step()
+    model.optimizer.zero_grad(set_to_none=True)
+    model.ema.update(model.unet)
+    return loss_v, gn_v, lr_used
+
+
+def accumulate_gradients(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
+    """Forward and backward of one optimiser step's micro-batches (gradients all-reduced in the last one only);
+    returns this rank's loss. ``step`` is 1-based."""
+    tcfg, model, device, gen = run.tcfg, run.model, run.device, run.gen
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(tcfg.grad_accum):
+        lat, tok = next(batches)
+        x0 = lat.to(device, non_blocking=True).float()
+        tok = tok.to(device, non_blocking=True)
+        b = x0.shape[0]
+        # the generator's draws, in this order (a resumed run replays them): noise, t, CFG dropout
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        t = torch.randint(0, model.noise_sched.num_train_timesteps, (b,), generator=gen, device=device)
+        drop = torch.rand(b, generator=gen, device=device) < tcfg.cfg_dropout
+        tok = torch.where(drop[:, None], run.text.empty_ids[None, :], tok)
+        weights = model.noise_sched.min_snr_weights(t, tcfg.min_snr_gamma) if tcfg.min_snr_gamma else None
+        sync = model.ddp.no_sync() if (model.ddp is not None and micro < tcfg.grad_accum - 1) \
+            else contextlib.nullcontext()
+        with sync:
+            pred = run.predict(model.forward, x0, noise, t, tok)
+            loss = run.faults.poison(diffusion_loss(pred, noise, weights).mean() / tcfg.grad_accum, step)
+            loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+# ============================================================================================= validate
+def validate(run: Run) -> float | None:
+    """Mean ε-MSE over the held-out samples at their fixed noise and timesteps, on the plain UNet (each rank
+    scores every world_size-th sample); None without held-out samples."""
+    if run.validation is None:
+        return None
+    val_idx, device, unet = run.data.val_idx, run.device, run.model.unet
+    mine = np.arange(run.info.rank, len(val_idx), run.info.world_size)
+    acc = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, samples)
+    unet.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), run.tcfg.batch_size):
+            sel = mine[i:i + run.tcfg.batch_size]
+            lat, tok = run.data.dataset.get_batch(val_idx[sel])
+            x0 = torch.from_numpy(lat).to(device).float()
+            noise = run.validation.noise[sel].to(device)
+            pred = run.predict(unet, x0, noise, run.validation.t[sel].to(device), torch.from_numpy(tok).to(device))
+            acc[0] += diffusion_loss(pred, noise).sum().double()
+            acc[1] += len(sel)
+    unet.train()
+    D.all_reduce_sum(acc, run.info)
+    return float(acc[0] / acc[1])
+
+
+# ================================================================================================= save
+def save(run: Run, progress: Progress) -> Path | None:
+    """Checkpoint at ``progress.step``; a collective (every rank calls it, rank 0 writes). Returns the
+    checkpoint's path on rank 0, None elsewhere."""
+    rngs = D.all_gather_objects(rng_state(run.gen), run.info)
+    path = None
+    if run.info.is_main:
+        state = train_state(run, progress, rngs)
+        path = ckpt.save_checkpoint(run.settings.output_dir, dataclasses.replace(run.record, step=progress.step),
+                                    unet_state=run.model.unet.state_dict(), ema_state=run.model.ema.shadow,
+                                    train_state=state, keep_last=run.tcfg.keep_last)
+        run.log.info(f"[train] step {progress.step}: checkpoint {path}")
+    D.barrier(run.info)
+    return path
+
+
+def train_state(run: Run, progress: Progress, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    """state.pt: what a resumed run needs besides the weights (every rank's RNG states in ``rngs``)."""
+    tcfg, model, step = run.tcfg, run.model, progress.step
+    epoch, micro = run.data.batches.position(step)
+    return {
+        "format": ckpt.FORMAT, "step": step, "optimizer": model.optimizer.state_dict(),
+        "lr_schedule": model.lr_sched.state_dict(),
+        "ema": {"num_updates": model.ema.num_updates, "decay": model.ema.decay},
+        "rng": rngs,
+        "data": {"epoch": epoch, "micro_batch": micro, "consumed_micro_batches": step * tcfg.grad_accum,
+                 "world_size": run.info.world_size, "batch_size": tcfg.batch_size,
+                 "grad_accum": tcfg.grad_accum, "seed": tcfg.seed},
+        "best_loss": progress.best_loss, "best_val_loss": progress.best_val,
+    }
+
+
+# =============================================================================================== report
+def report(run: Run, progress: Progress, throughput: Throughput, wandb_run: Any, pipes: Any) -> TrainResult:
+    """The final metrics; rank 0 writes result.json, logs them and reports them through Pipes (the latent
+    manifest hash as data version)."""
+    data, out = run.data, run.settings.output_dir
+    result = TrainResult(
+        steps=progress.step, final_loss=progress.last_loss, best_loss=progress.best_loss,
+        final_val_loss=progress.last_val, best_val_loss=progress.best_val, samples_per_s=throughput.steady(),
+        checkpoint=progress.last_checkpoint, manifest_hash=run.record.manifest_hash, shards=list(data.dataset.shards),
+        world_size=run.info.world_size, wandb_run=_wandb_path(wandb_run), output_dir=str(out),
+        num_train_samples=int(len(data.train_idx)), num_val_samples=int(len(data.val_idx)),
+    )
+    if run.info.is_main:
+        write_json_atomic(out / RESULT_FILE, dataclasses.asdict(result))
+        run.log.info(f"[train] done: {progress.step} steps, final loss {progress.last_loss}, best "
+                     f"{progress.best_loss}, validation {progress.last_val}, checkpoint {progress.last_checkpoint}")
+        if pipes is not None:
+            pipes.report_asset_materialization(metadata=result.as_metadata(), data_version=result.manifest_hash)
+    return result
 
 
 def _wandb_path(run: Any) -> str | None:
@@ -439,367 +737,7 @@ def _wandb_path(run: Any) -> str | None:
     return f"{path} (offline: {run.dir})" if offline else path
 
 
-def train(settings: Settings) -> TrainResult:
-    """Run one training job (this process's part of it); returns the final metrics (on every rank)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from sd_core.training import checkpoint as ckpt
-    from sd_core.training import distributed as D
-    from sd_core.model.ema import EMA
-    from sd_core.encoding.latent_cache import LatentDataset
-    from sd_core.training.lr_schedule import WarmupCosine
-    from sd_core.training.metrics_log import MetricsLogger
-    from sd_core.model.schedulers import DDPMScheduler
-    from sd_core.training.data_order import BatchReader, MicroBatches, split_indices
-    from sd_core.model.unet import UNetModel
-
-    faults = _Faults.from_env()
-    tcfg = settings.train
-    info = D.init_distributed(settings.device)
-    # every rank writes to rank 0's directory (a default run id is a timestamp: ranks could disagree)
-    out = Path(D.broadcast_object(str(settings.output_dir), info))
-    settings.output_dir = out
-    stack = contextlib.ExitStack()
-    log = None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "pids").mkdir(exist_ok=True)
-        write_json_atomic(out / "pids" / f"rank{info.rank}.json", {"pid": os.getpid(), "ppid": os.getppid()})
-        pipes = _open_pipes(stack) if info.is_main else None
-        faults.maybe_crash(0, info.rank)
-        device = info.device
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-        # ---------------------------------------------------------------------------------------- data
-        dataset = LatentDataset(settings.latents_dir, settings.shards)
-        if len(dataset) == 0:
-            raise RuntimeError(f"the latent cache {settings.latents_dir} is empty: encode some shards first")
-        train_idx, val_idx = split_indices(dataset, tcfg.val_share)
-        if len(val_idx) > tcfg.val_max_samples:  # an evenly spread, fixed subset (every shard contributes)
-            val_idx = val_idx[np.linspace(0, len(val_idx) - 1, tcfg.val_max_samples).round().astype(np.int64)]
-        batches = MicroBatches(train_idx, batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
-                               world_size=info.world_size, rank=info.rank, seed=tcfg.seed)
-        if batches.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(train_idx)} training samples are too few for one optimiser step of batch_size "
-                f"{tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {info.world_size} processes")
-        total = tcfg.max_steps or 0
-        if tcfg.epochs is not None:
-            by_epochs = tcfg.epochs * batches.steps_per_epoch
-            total = min(total, by_epochs) if tcfg.max_steps else by_epochs
-
-        # ------------------------------------------------------------------------------------- models
-        text_encoder, tokenizer = load_text_encoder(settings, device)
-        hidden = int(text_encoder.config.hidden_size)
-        if hidden != settings.profile.unet.ctx_dim:
-            raise ValueError(f"text encoder hidden size {hidden} != UNet ctx_dim {settings.profile.unet.ctx_dim}")
-        token_len = int(dataset.get_batch([0])[1].shape[1])
-        empty_ids = empty_prompt_ids(tokenizer, token_len).to(device)
-
-        torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-        unet = UNetModel(settings.profile.unet).to(device)
-        if tcfg.grad_ckpt:
-            unet.enable_gradient_checkpointing()
-        if tcfg.channels_last:
-            unet = unet.to(memory_format=torch.channels_last)
-        ema = EMA(unet, decay=tcfg.ema_decay)
-        opt_kwargs: dict[str, Any] = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
-        if cuda:
-            opt_kwargs["fused"] = True
-        optimizer = torch.optim.AdamW(unet.parameters(), **opt_kwargs)
-        lr_sched = WarmupCosine(optimizer, tcfg.lr, tcfg.warmup_steps, total, final_ratio=tcfg.min_lr_ratio)
-        noise_sched = DDPMScheduler()
-
-        # per-rank seeds for everything random in the loop; a dedicated generator draws noise/t/dropout
-        rank_seed = tcfg.seed * 1000 + info.rank
-        torch.manual_seed(rank_seed)
-        np.random.seed(rank_seed % 2**32)
-        random.seed(rank_seed)
-        gen = torch.Generator(device=device).manual_seed(rank_seed)
-
-        # --------------------------------------------------------------------------------------- resume
-        start_step, best_loss, best_val = 0, None, None
-        resume_from = None
-        if settings.resume == "auto":
-            resume_from = ckpt.latest_checkpoint(out)
-        elif settings.resume != "none":
-            resume_from = ckpt.resolve_checkpoint(settings.resume)
-        elif ckpt.list_checkpoints(out):
-            raise RuntimeError(f"{out} already holds checkpoints and --resume none was given: choose another "
-                               f"--output-dir or resume")
-        if resume_from is not None:
-            saved_unet = ckpt.read_config(resume_from).unet
-            if saved_unet != settings.profile.unet:
-                raise ckpt.CheckpointError(
-                    f"cannot resume from {resume_from}: it holds a UNet of config {saved_unet}, the profile asks for "
-                    f"{dataclasses.asdict(settings.profile.unet)} (use another --output-dir or --resume none)")
-            state = ckpt.load_train_state(resume_from)
-            usd, _ = ckpt.load_weights(resume_from / ckpt.UNET_FILE)
-            unet.load_state_dict(usd)
-            esd, _ = ckpt.load_weights(resume_from / ckpt.EMA_FILE)
-            ema.load_state_dict({"shadow": esd, **state["ema"]})
-            optimizer.load_state_dict(state["optimizer"])
-            lr_sched.load_state_dict(state["lr_schedule"])
-            start_step = int(state["step"])
-            best_loss, best_val = state.get("best_loss"), state.get("best_val_loss")
-            data = state["data"]
-            same_layout = (data["world_size"], data["batch_size"], data["grad_accum"], data["seed"]) == (
-                info.world_size, tcfg.batch_size, tcfg.grad_accum, tcfg.seed)
-            rngs = state["rng"]
-            if same_layout and len(rngs) == info.world_size:
-                _set_rng_state(rngs[info.rank], gen)
-            else:
-                if info.is_main:
-                    print(f"warning: resuming with a different world size / batch layout / seed than "
-                          f"{resume_from} was saved with ({data}): the data order continues approximately and "
-                          f"RNG streams are re-seeded", file=sys.stderr, flush=True)
-                gen.manual_seed(rank_seed + 7919 * start_step)
-
-        wandb_run = None
-        if info.is_main:
-            wandb_run = _init_wandb(settings, {"train": dataclasses.asdict(tcfg),
-                                               "unet": dataclasses.asdict(settings.profile.unet),
-                                               "profile": settings.profile.name, "world_size": info.world_size})
-            if wandb_run is not None:
-                stack.callback(wandb_run.finish)
-        log = MetricsLogger(out, enabled=info.is_main, resume_step=start_step if resume_from else None,
-                            wandb_run=wandb_run, pipes=pipes)
-        stack.callback(log.close)
-        n_params = sum(p.numel() for p in unet.parameters())
-        log.info(f"[train] {settings.profile.name} profile, {n_params:,} UNet params, {info.world_size} process(es) "
-                 f"on {device} ({info.backend or 'no process group'}); {len(dataset)} latents in "
-                 f"{len(dataset.shards)} shard(s): {len(train_idx)} train / {len(val_idx)} validation; "
-                 f"{total} steps of {tcfg.batch_size}x{tcfg.grad_accum}x{info.world_size} samples "
-                 f"({batches.steps_per_epoch} steps/epoch); output {out}"
-                 + (f"; resumed from {resume_from} at step {start_step}" if resume_from else ""))
-
-        # ------------------------------------------------------------------------------------- wrapping
-        # DDP first, then compile (DDPOptimizer splits the graph at bucket boundaries: communication overlaps
-        # the backward pass). Validation runs the plain module (no DDP hooks, no second compilation).
-        ddp = DDP(unet, device_ids=[device.index] if cuda else None) if info.distributed else None
-        model: Any = ddp if ddp is not None else unet
-        if tcfg.compile:
-            model = torch.compile(model)
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-        mem_fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
-
-        def encode(tok: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), autocast():
-                return text_encoder(tok)[0]
-
-        # ---------------------------------------------------------------------------------- validation
-        val_noise = val_t = None
-        if len(val_idx):
-            vg = torch.Generator().manual_seed(VAL_SEED)
-            val_t = torch.randint(0, noise_sched.num_train_timesteps, (len(val_idx),), generator=vg)
-            val_noise = torch.randn((len(val_idx), *dataset.latent_shape), generator=vg)
-
-        def validate() -> float | None:
-            if val_noise is None:
-                return None
-            mine = np.arange(info.rank, len(val_idx), info.world_size)
-            acc = torch.zeros(2, dtype=torch.float64, device=device)
-            unet.eval()
-            with torch.no_grad():
-                for i in range(0, len(mine), tcfg.batch_size):
-                    sel = mine[i:i + tcfg.batch_size]
-                    lat, tok = dataset.get_batch(val_idx[sel])
-                    x0 = torch.from_numpy(lat).to(device).float()
-                    noise = val_noise[sel].to(device)
-                    t = val_t[sel].to(device)
-                    xt = noise_sched.add_noise(x0, noise, t).contiguous(memory_format=mem_fmt)
-                    ctx = encode(torch.from_numpy(tok).to(device))
-                    with autocast():
-                        pred = unet(xt, t, ctx)
-                    per = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-                    acc[0] += per.sum().double()
-                    acc[1] += len(sel)
-            unet.train()
-            D.all_reduce_sum(acc, info)
-            return float(acc[0] / acc[1])
-
-        # -------------------------------------------------------------------------------------- saving
-        manifest_hash = dataset.manifest_hash
-        record = ckpt.CheckpointConfig(
-            step=0, unet=settings.profile.unet, profile=settings.profile.name, run_id=settings.run_id,
-            world_size=info.world_size, manifest_hash=manifest_hash, shards=tuple(dataset.shards),
-            latents_dir=str(settings.latents_dir), scaling_factor=dataset.scaling_factor,
-            text=ckpt.TextConditioning(token_len, hidden,
-                                       str(settings.components_dir or settings.profile.components_dir)),
-            train=dataclasses.asdict(tcfg), filter=dataclasses.asdict(settings.profile.filter),
-            source=dataclasses.asdict(settings.profile.source))
-
-        def save(step: int) -> Path | None:
-            rngs = D.all_gather_objects(_rng_state(gen), info)  # collective: every rank calls save()
-            path = None
-            if info.is_main:
-                epoch, micro = batches.position(step)
-                state = {
-                    "format": ckpt.FORMAT, "step": step, "optimizer": optimizer.state_dict(),
-                    "lr_schedule": lr_sched.state_dict(),
-                    "ema": {"num_updates": ema.num_updates, "decay": ema.decay},
-                    "rng": rngs,
-                    "data": {"epoch": epoch, "micro_batch": micro, "consumed_micro_batches": step * tcfg.grad_accum,
-                             "world_size": info.world_size, "batch_size": tcfg.batch_size,
-                             "grad_accum": tcfg.grad_accum, "seed": tcfg.seed},
-                    "best_loss": best_loss, "best_val_loss": best_val,
-                }
-                path = ckpt.save_checkpoint(out, dataclasses.replace(record, step=step),
-                                            unet_state=unet.state_dict(), ema_state=ema.shadow,
-                                            train_state=state, keep_last=tcfg.keep_last)
-                log.info(f"[train] step {step}: checkpoint {path}")
-            D.barrier(info)
-            return path
-
-        # ---------------------------------------------------------------------------------------- loop
-        workers = tcfg.num_workers if tcfg.num_workers is not None else (4 if cuda else 0)
-        loader = torch.utils.data.DataLoader(
-            BatchReader(dataset), batch_size=None, sampler=batches.iter_from(start_step),
-            num_workers=workers, pin_memory=cuda, generator=torch.Generator(),
-            persistent_workers=False, prefetch_factor=4 if workers else None,
-        )
-        it = iter(loader)
-        gamma = tcfg.min_snr_gamma
-        step = start_step
-        last_loss = None
-        last_val = None
-        last_ckpt = str(resume_from) if resume_from else None
-        window_t0, window_steps, throughputs = time.perf_counter(), 0, []
-        samples_per_step = tcfg.batch_size * tcfg.grad_accum * info.world_size
-        unet.train()
-        if resume_from is None:  # the baseline: validation loss of the initial weights
-            v0 = validate()
-            if v0 is not None:
-                log.log({"kind": "val", "step": 0, "val_loss": v0, "val_samples": len(val_idx), "time": time.time()})
-                log.info(f"[train] step 0 validation loss {v0:.4f}")
-            window_t0 = time.perf_counter()
-        end = min(total, settings.stop_after) if settings.stop_after else total
-        while step < end:
-            faults.maybe_crash(step + 1, info.rank)
-            loss_acc = torch.zeros((), device=device)
-            for micro in range(tcfg.grad_accum):
-                lat, tok = next(it)
-                x0 = lat.to(device, non_blocking=True).float()
-                tok = tok.to(device, non_blocking=True)
-                b = x0.shape[0]
-                noise = torch.randn(x0.shape, generator=gen, device=device)
-                t = torch.randint(0, noise_sched.num_train_timesteps, (b,), generator=gen, device=device)
-                drop = torch.rand(b, generator=gen, device=device) < tcfg.cfg_dropout
-                tok = torch.where(drop[:, None], empty_ids[None, :], tok)
-                ctx = encode(tok)
-                xt = noise_sched.add_noise(x0, noise, t).contiguous(memory_format=mem_fmt)
-                sync = ddp.no_sync() if (ddp is not None and micro < tcfg.grad_accum - 1) \
-                    else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        pred = model(xt, t, ctx)
-                    per = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-                    if gamma:
-                        per = per * noise_sched.min_snr_weights(t, gamma)
-                    loss = per.mean() / tcfg.grad_accum
-                    if step + 1 in faults.nan_steps:
-                        loss = loss * float("nan")
-                    loss.backward()
-                loss_acc += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), tcfg.grad_clip)
-            stats = torch.stack([loss_acc.float(), grad_norm.float().to(device)])
-            D.all_reduce_sum(stats, info)
-            loss_v, gn_v = (stats / info.world_size).tolist()
-            if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
-                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
-                raise NonFiniteLossError(
-                    f"non-finite {what} at step {step + 1} (loss {loss_v}, grad norm {gn_v}): training stopped "
-                    f"before the optimiser step; the last good checkpoint is {last_ckpt or 'none (none saved yet)'}")
-            optimizer.step()
-            lr_used = lr_sched.current_lr
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(unet)
-            step += 1
-            window_steps += 1
-            last_loss = loss_v
-            best_loss = loss_v if best_loss is None else min(best_loss, loss_v)
-
-            if step % tcfg.log_every == 0 or step == end:
-                if cuda:
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                sps = window_steps * samples_per_step / max(now - window_t0, 1e-9)
-                throughputs.append(sps)
-                epoch, _ = batches.position(step - 1)
-                log.log({"kind": "train", "step": step, "epoch": epoch, "loss": loss_v, "lr": lr_used,
-                         "grad_norm": gn_v, "samples_per_s": sps, "time": time.time()})
-                log.info(f"[train] step {step}/{total} loss {loss_v:.4f} lr {lr_used:.3g} grad norm {gn_v:.3f} "
-                         f"{sps:.1f} samples/s")
-                window_t0, window_steps = time.perf_counter(), 0
-            if step % tcfg.val_every == 0 or step == end:
-                v = validate()
-                if v is not None:
-                    last_val = v
-                    best_val = v if best_val is None else min(best_val, v)
-                    log.log({"kind": "val", "step": step, "val_loss": v, "val_samples": len(val_idx),
-                             "time": time.time()})
-                    log.info(f"[train] step {step} validation loss {v:.4f}")
-                window_t0 = time.perf_counter()
-            if step % tcfg.checkpoint_every == 0 or step == end:
-                last_ckpt = str(save(step))
-                window_t0 = time.perf_counter()
-
-        if step == start_step and resume_from is not None:  # nothing left to do: report the resumed state
-            last_ckpt = str(resume_from)
-        # steady-state throughput: leave out the first window (start-up, compilation) when there are others
-        steady = throughputs[1:] if len(throughputs) > 1 else throughputs
-        result = TrainResult(
-            steps=step, final_loss=last_loss, best_loss=best_loss, final_val_loss=last_val, best_val_loss=best_val,
-            samples_per_s=(sum(steady) / len(steady)) if steady else None,
-            checkpoint=last_ckpt, manifest_hash=manifest_hash, shards=list(dataset.shards),
-            world_size=info.world_size, wandb_run=_wandb_path(wandb_run), output_dir=str(out),
-            num_train_samples=int(len(train_idx)), num_val_samples=int(len(val_idx)),
-        )
-        if info.is_main:
-            write_json_atomic(out / RESULT_FILE, dataclasses.asdict(result))
-            log.info(f"[train] done: {step} steps, final loss {last_loss}, best {best_loss}, validation {last_val}, "
-                     f"checkpoint {last_ckpt}")
-            if pipes is not None:
-                pipes.report_asset_materialization(metadata=_pipes_metadata(result), data_version=manifest_hash)
-        stack.close()
-        D.cleanup(info)
-        return result
-    except BaseException as e:
-        if log is not None:
-            log.info(f"[train] failed: {type(e).__name__}: {e}")
-        # hand the exception to the context managers (Dagster Pipes reports it to the run), then re-raise;
-        # the process group is left to die with the process (a clean destroy could wait on a dead peer)
-        stack.__exit__(type(e), e, e.__traceback__)
-        raise
-    finally:
-        stack.close()
-
-
-def _pipes_metadata(r: TrainResult) -> dict[str, Any]:
-    md: dict[str, Any] = {
-        "steps": r.steps,
-        "final_loss": r.final_loss,
-        "best_loss": r.best_loss,
-        "final_val_loss": r.final_val_loss,
-        "best_val_loss": r.best_val_loss,
-        "samples_per_s": r.samples_per_s,
-        "checkpoint_path": {"raw_value": r.checkpoint, "type": "path"} if r.checkpoint else None,
-        "output_dir": {"raw_value": r.output_dir, "type": "path"},
-        "manifest_hash": r.manifest_hash,
-        "world_size": r.world_size,
-        "wandb_run": r.wandb_run or "disabled",
-        "num_train_samples": r.num_train_samples,
-        "num_val_samples": r.num_val_samples,
-    }
-    return {k: v for k, v in md.items() if v is not None}
-
-
+# ================================================================================================= main
 def _record_error(out: Path | None) -> None:
     """Write this rank's traceback where the launcher (the Dagster asset) can show it."""
     if out is None:
@@ -826,11 +764,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         _record_error(settings.output_dir)
         raise
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        from torch.distributed.elastic.multiprocessing.errors import record
-    except ImportError:  # pragma: no cover
-        raise SystemExit(main())
-    raise SystemExit(record(main)())

@@ -1,0 +1,239 @@
+"""The trainer's command line: flags, their validation, and the run settings resolved from flags + profile.
+
+Every recipe flag defaults to ``None`` and, when given, overrides its field of the profile's ``TrainConfig``
+(``--profile``, ``--overrides`` JSON); ``--help`` lists each flag's value in every profile. Bad values fail in
+argparse with the flag's name ("argument --lr: must be in (0, inf], got -1"). No torch here: the parser and
+the settings are cheap to build and to test; the trainer (`sd_core.training.trainer`) reads :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sd_core.config import PROFILES, Profile, TrainConfig, get_profile
+
+
+def _number(cast: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False):
+    """An argparse ``type=`` parsing ``cast`` (int or float) within [lo, hi] (open ends where asked); its
+    errors read "argument --flag: must be ...", so the message names the flag."""
+    bounds = (("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
+              + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]"))
+
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, "
+                                             f"got {s!r}") from None
+        if cast is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or \
+                (hi is not None and (v > hi or (hi_open and v == hi))):
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {v}")
+        return v
+
+    parse.__name__ = f"{cast.__name__} in {bounds}"
+    return parse
+
+
+_positive_int = _number(int, 0, lo_open=True)
+_nonneg_int = _number(int, 0)
+_positive_float = _number(float, 0.0, lo_open=True)
+_nonneg_float = _number(float, 0.0)
+_probability = _number(float, 0.0, 1.0, hi_open=True)
+_unit_interval = _number(float, 0.0, 1.0)
+
+
+def _gamma(s: str) -> float:
+    """Min-SNR γ: a positive number; 0 or 'none' turns the weighting off (stored as 0)."""
+    if s.strip().lower() in ("none", "off", "0", "0.0"):
+        return 0.0
+    return _positive_float(s)
+
+
+def _resume(s: str) -> str:
+    if s in ("auto", "none"):
+        return s
+    if not Path(s).exists():
+        raise argparse.ArgumentTypeError(f"'auto', 'none' or an existing checkpoint path, got {s!r} (not found)")
+    return s
+
+
+def _json_object(s: str) -> dict[str, Any]:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at {e.pos}): {s!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(v).__name__}")
+    return v
+
+
+def _shard_list(s: str) -> list[str]:
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated shard names")
+    return names
+
+
+# the flags that override the profile's TrainConfig: each dest is the field's name
+_TRAIN_FLAGS = (
+    "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_steps", "epochs", "seed",
+    "min_snr_gamma", "cfg_dropout", "ema_decay", "grad_clip", "grad_ckpt", "compile", "channels_last",
+    "checkpoint_every", "keep_last", "log_every", "val_share", "val_every", "val_max_samples",
+    "wandb", "wandb_mode", "wandb_project", "num_workers", "min_lr_ratio",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sd train",
+        description="Train the UNet on the latent cache (run it under torchrun for several processes). "
+                    "Recipe flags default to the profile's TrainConfig; any flag given overrides it.",
+        epilog="Example: torchrun --standalone --nproc_per_node=2 -m sd_core.train --profile tiny "
+               "--data-root data --max-steps 300. Test-only fault injection: SD_TRAIN_FAULT=nan@STEP or "
+               "crash@STEP[:RANK] (see the module documentation).",
+    )
+    _add_run_flags(p.add_argument_group("data and output"))
+    _add_recipe_flags(p.add_argument_group("recipe (defaults: the profile's TrainConfig)"))
+    _add_logging_flags(p.add_argument_group("checkpoints, validation, logging"))
+    _annotate_profile_defaults(p)
+    return p
+
+
+def _add_run_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--profile", default=None, help="profile name (default: $SD_PROFILE or tiny)")
+    g.add_argument("--data-root", default=None, help="data root (default: $SD_DATA_ROOT or ./data)")
+    g.add_argument("--overrides", type=_json_object, default=None,
+                   help='profile overrides as JSON, e.g. \'{"train": {"lr": 5e-4}}\'')
+    g.add_argument("--latents-dir", default=None, help="latent cache directory (default: {data-root}/latents)")
+    g.add_argument("--shards", type=_shard_list, default=None,
+                   help="comma-separated shards to train on (default: every shard in the latent manifest)")
+    g.add_argument("--components-dir", default=None,
+                   help="directory with text_encoder/ and tokenizer/ (default: the profile's components)")
+    g.add_argument("--output-dir", default=None,
+                   help="run directory for checkpoints and logs (default: {data-root}/checkpoints/{run-id})")
+    g.add_argument("--run-id", default=None,
+                   help="run name (default: $DAGSTER_RUN_ID, else a UTC timestamp)")
+    g.add_argument("--resume", type=_resume, default="auto",
+                   help="'auto': continue from {output-dir}/latest if present; a checkpoint or run directory; "
+                        "'none': start fresh (an existing run directory is then refused)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
+    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="STEP",
+                   help="end this invocation at step STEP (checkpointed) while the LR schedule keeps its full "
+                        "length; continue later with --resume (for time-limited jobs)")
+
+
+def _add_recipe_flags(r: argparse._ArgumentGroup) -> None:
+    r.add_argument("--batch-size", type=_positive_int, default=None, help="micro-batch size per process")
+    r.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimiser step")
+    r.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
+    r.add_argument("--min-lr-ratio", type=_unit_interval, default=None,
+                   help="final lr of the cosine decay as a fraction of --lr")
+    r.add_argument("--weight-decay", type=_nonneg_float, default=None, help="AdamW weight decay")
+    r.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warmup steps")
+    r.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="optimiser steps to train (with --epochs: whichever ends first)")
+    r.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs to train (given alone, it replaces the profile's max steps)")
+    r.add_argument("--seed", type=_nonneg_int, default=None, help="seed of init, data order, noise")
+    r.add_argument("--min-snr-gamma", type=_gamma, default=None, help="Min-SNR γ (0 or 'none': unweighted)")
+    r.add_argument("--cfg-dropout", type=_probability, default=None,
+                   help="probability of replacing a caption by the empty prompt")
+    r.add_argument("--ema-decay", type=_unit_interval, default=None, help="EMA decay (warmup-corrected)")
+    r.add_argument("--grad-clip", type=_positive_float, default=None, help="gradient-norm clip")
+    r.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the UNet")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format")
+    r.add_argument("--num-workers", type=_nonneg_int, default=None, help="DataLoader worker processes")
+
+
+def _add_logging_flags(c: argparse._ArgumentGroup) -> None:
+    c.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint interval (steps)")
+    c.add_argument("--keep-last", type=_positive_int, default=None, help="checkpoints to keep")
+    c.add_argument("--log-every", type=_positive_int, default=None, help="metrics interval (steps)")
+    c.add_argument("--val-share", type=_probability, default=None, help="held-out share of samples")
+    c.add_argument("--val-every", type=_positive_int, default=None, help="validation interval (steps)")
+    c.add_argument("--val-max-samples", type=_nonneg_int, default=None, help="validation samples scored")
+    c.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None, help="log to wandb")
+    c.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default=None,
+                   help="wandb mode ($WANDB_MODE wins when set)")
+    c.add_argument("--wandb-project", default=None, help="wandb project")
+    c.add_argument("--wandb-run-name", default=None, help="wandb run name (default: the run id)")
+
+
+def _annotate_profile_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each recipe flag's profile defaults to its help, e.g. "[tiny: 32, sd15: 128]"."""
+    trains = {name: make().train for name, make in PROFILES.items()}
+    for action in parser._actions:
+        if action.dest not in _TRAIN_FLAGS:
+            continue
+        values = ", ".join(f"{name}: {getattr(t, action.dest)}" for name, t in trains.items())
+        action.help = f"{action.help} [{values}]"
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclass
+class Settings:
+    """Everything one training run needs, resolved from flags + profile."""
+
+    profile: Profile  # with the final TrainConfig
+    latents_dir: Path
+    shards: list[str] | None
+    components_dir: Path | None
+    output_dir: Path
+    run_id: str
+    resume: str
+    device: str
+    wandb_run_name: str | None
+    stop_after: int | None = None
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.profile.train
+
+
+def _default_run_id() -> str:
+    rid = os.environ.get("DAGSTER_RUN_ID")
+    if rid:
+        return rid
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The run's settings: the profile with the recipe flags applied, and where the run reads and writes."""
+    profile = get_profile(args.profile, args.data_root, args.overrides)
+    changes = {field: getattr(args, field) for field in _TRAIN_FLAGS if getattr(args, field) is not None}
+    if args.epochs is not None and args.max_steps is None:
+        changes["max_steps"] = None
+    if changes.get("min_snr_gamma") == 0.0:
+        changes["min_snr_gamma"] = None
+    tcfg = dataclasses.replace(profile.train, **changes)
+    if tcfg.max_steps is None and tcfg.epochs is None:
+        raise ValueError("neither max_steps nor epochs is set: give --max-steps or --epochs")
+    profile = dataclasses.replace(profile, train=tcfg)
+    run_id = args.run_id or _default_run_id()
+    out = Path(args.output_dir) if args.output_dir else profile.checkpoints_dir / run_id
+    return Settings(
+        profile=profile,
+        latents_dir=Path(args.latents_dir) if args.latents_dir else profile.latents_dir,
+        shards=args.shards,
+        components_dir=Path(args.components_dir) if args.components_dir else None,
+        output_dir=out,
+        run_id=run_id,
+        resume=args.resume,
+        device=args.device,
+        wandb_run_name=args.wandb_run_name,
+        stop_after=args.stop_after,
+    )
