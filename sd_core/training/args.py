@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Recipe flags default to the profile's TrainConfig; any flag given overrides it.",
         epilog="Example: torchrun --standalone --nproc_per_node=2 -m sd_core.train --profile tiny "
                "--data-root data --max-steps 300. Test-only fault injection: SD_TRAIN_FAULT=nan@STEP or "
-               "crash@STEP[:RANK] (see the module documentation).",
+               "crash@STEP[:RANK] (documented in sd_core/training/trainer.py).",
     )
     _add_run_flags(p.add_argument_group("data and output"))
     _add_recipe_flags(p.add_argument_group("recipe (defaults: the profile's TrainConfig)"))
