@@ -13,7 +13,7 @@ from sd_assets.partitions import shard_input, shards, unregistered_shards
 from sd_assets.resources import SDConfig
 from sd_core.data.filter import check_parts, existing_parts, filter_metadata, parts_version
 from sd_core.data.image_server import ImageServer
-from sd_core.data.metadata import CANONICAL, fetch_source, files_version
+from sd_core.data.metadata import fetch_source, files_version
 from sd_core.data.shards import download_shard
 from sd_core.data.synthetic import generate_synthetic, served_by_synthetic_server
 
@@ -24,14 +24,6 @@ def _register_shards(context: dg.AssetExecutionContext, keys: list[str]) -> list
     if new:
         context.instance.add_dynamic_partitions(shards.name, new)
     return new
-
-
-def _column_mapping_markdown(columns: dict[str, dict[str, str | None]]) -> str:
-    """Canonical column → each file's source column, one markdown column per file."""
-    lines = ["| canonical | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for canon in CANONICAL:
-        lines.append(f"| {canon} | " + " | ".join(str(cols[canon] or "—") for cols in columns.values()) + " |")
-    return "\n".join(lines)
 
 
 @dg.asset(
@@ -56,7 +48,7 @@ def laion_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materi
         "source": f"{src.kind}: {src.uri or 'embedded synthetic shapes'}",
         **res.as_metadata(),
         "schema": dg.MetadataValue.md("```\n" + res.schema + "\n```"),
-        "column_mapping": dg.MetadataValue.md(_column_mapping_markdown(res.columns)),
+        "column_mapping": dg.MetadataValue.md(res.column_mapping_markdown()),
         "path": dg.MetadataValue.path(str(p.metadata_dir)),
     }
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(files_version(res.files)))
@@ -103,10 +95,6 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
     )
 
 
-def _failures_markdown(failures: dict[str, int]) -> str:
-    return "\n".join(["| reason | rows |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in failures.items()])
-
-
 @dg.asset(
     group_name="images",
     partitions_def=shards,
@@ -131,6 +119,6 @@ def image_shards(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Material
     context.log.info(f"shard {key}: {report.successes}/{report.rows} images, failures {report.failures}")
     return dg.MaterializeResult(metadata={
         **report.as_metadata(),
-        "failures": dg.MetadataValue.md(_failures_markdown(report.failures)),
+        "failures": dg.MetadataValue.md(report.failures_markdown()),
         "tar": dg.MetadataValue.path(report.tar),
     })

@@ -53,12 +53,7 @@ def _nproc(config: TrainAssetConfig, train_nproc: int | None) -> int:
         return config.nproc_per_node
     if train_nproc:
         return int(train_nproc)
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - no torch/CUDA: one CPU process
-        return 1
+    return max(1, torch.cuda.device_count())  # 0 without CUDA: one CPU process
 
 
 def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:

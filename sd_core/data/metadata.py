@@ -229,6 +229,14 @@ class SourceFiles:
     removed: list[Path]  # stale files of an earlier source, removed
     synthetic: dict[str, Any] | None = None  # what the synthetic generator planted
 
+    def column_mapping_markdown(self) -> str:
+        """Canonical column → each file's source column, as a markdown table with one column per file."""
+        lines = ["| canonical | " + " | ".join(self.columns) + " |", "|---|" + "---|" * len(self.columns)]
+        for canon in CANONICAL:
+            lines.append(f"| {canon} | " + " | ".join(str(cols[canon] or "—") for cols in self.columns.values())
+                         + " |")
+        return "\n".join(lines)
+
     def as_metadata(self) -> dict[str, Any]:
         """What was fetched, as plain JSON values (what an orchestrator shows for the step)."""
         out: dict[str, Any] = {"files": [str(f) for f in self.files], "num_files": len(self.files),

@@ -81,6 +81,10 @@ class ShardReport:
     def success_rate(self) -> float:
         return self.successes / self.rows if self.rows else 0.0
 
+    def failures_markdown(self) -> str:
+        """The failed rows by reason, as a markdown table."""
+        return "\n".join(["| reason | rows |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in self.failures.items()])
+
     def as_metadata(self) -> dict[str, Any]:
         """The download's counts and speed as plain JSON values (what an orchestrator shows for the step)."""
         return {"rows": self.rows, "successes": self.successes, "success_rate": round(self.success_rate, 4),
