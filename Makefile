@@ -8,18 +8,26 @@ TORCH_INDEX ?=
 DATA_ROOT ?= data
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test test-slow demo dev browser bench validate clean
+.PHONY: install test test-slow demo dev browser bench bench-gpu validate clean
 
+# `make install` also installs the headless browser tests/test_browser.py drives (see `browser`), so the README's
+# two commands (`make install`, then `make test`) pass on a fresh machine as written.
 install: $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
+	@$(MAKE) --no-print-directory browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Three workers (pytest-xdist), one test file each at a time: much of the suite waits on subprocesses (the
+# dagster CLI, daemons, torchrun, img2dataset) and torch tests run on one thread, so three files side by side
+# keep a 2-core machine busy (one worker: ~14 min, two: ~9); `--dist loadfile` keeps a file's module fixtures
+# and ordered test classes in one worker.
+TEST_WORKERS ?= 3
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow:
 	$(BIN)/python -m pytest -q -m slow
@@ -58,6 +66,12 @@ browser:
 # Every benchmarks/bench_*.py prints its figures as a markdown section; copy them into BENCHMARKS.md.
 bench:
 	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+# Every GPU figure of DESIGN.md section 6 on one CUDA device (<= 8 min), as markdown for BENCHMARKS.md; ends
+# with pytest -m gpu. DRY_RUN=1: the same script on CPU at toy shapes (< 1 min), to check it before GPU time.
+DRY_RUN ?=
+bench-gpu:
+	$(BIN)/python benchmarks/bench_gpu.py $(if $(filter-out 0,$(DRY_RUN)),--dry-run,--require-cuda)
 
 clean:
 	rm -rf $(DATA_ROOT)

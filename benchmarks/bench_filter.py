@@ -113,6 +113,7 @@ def pandas_filter(files: list[str], out: Path) -> dict:
     deduped = survivors.drop_duplicates("URL", keep="first")
     removed["dedup_url"] = len(survivors) - len(deduped)
     removed["already_sharded"] = 0
+    removed["url_policy"] = 0  # every generated URL is https://img.example.com/N.jpg: the URL policy keeps all
     norm = pd.DataFrame({"url": deduped.URL, "caption": deduped.TEXT, "width": deduped.WIDTH,
                          "height": deduped.HEIGHT, "similarity": deduped.similarity,
                          "aesthetic": deduped.aesthetic.astype(float), "punsafe": deduped.punsafe.astype(float),

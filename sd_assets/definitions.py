@@ -2,14 +2,14 @@
 
 import dagster as dg
 
-from sd_assets.assets import data, latents, sampling, training
+from sd_assets.assets import data, evaluation, latents, sampling, training
 from sd_assets.automation import automation_sensor
 from sd_assets.jobs import jobs
 from sd_assets.resources import SDConfig
 from sd_assets.schedules import schedules
 from sd_assets.sensors import sensors
 
-_modules = [data, latents, training, sampling]
+_modules = [data, latents, training, sampling, evaluation]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(_modules),

@@ -8,7 +8,10 @@ missing), in order:
 1. the unpartitioned assets up to ``filtered_metadata`` (which registers the ``shards`` partitions);
 2. per shard partition, the partitioned assets (``image_shards``, ``latents``), with unpartitioned assets
    they need (``frozen_components``) before them;
-3. the unpartitioned assets downstream (``unet_checkpoint``, ``sample_grid``).
+3. the unpartitioned assets downstream (``unet_checkpoint``, ``checkpoint_eval``, ``sample_grid``).
+
+It ends with the grid's path and adherence score, and the per-attribute and whole-prompt accuracies of the
+run's final and best checkpoints (``checkpoint_eval``).
 
 The stages are derived from the asset graph, so this module names no asset except where it reads the
 result. Each stage is one ``dagster asset materialize -m sd_assets.definitions --select ... [--partition K]
@@ -297,6 +300,7 @@ class Demo:
                     fresh.ran |= {(k, part) for k, _ in todo}
                     print(f"[{i}/{len(stages)}]{where} done in {time.monotonic() - t0:.0f} s", flush=True)
             result = summarize(stages, fresh)
+            result["evaluation"] = evaluation_summary(instance)
         result["total_s"] = time.monotonic() - t_start
         return result
 
@@ -316,16 +320,71 @@ def summarize(stages: list[Stage], fresh: Freshness) -> dict[str, Any]:
     return out
 
 
+EVAL_ASSET = "checkpoint_eval"
+ATTRIBUTES = ("colour", "shape", "background", "whole")
+
+
+def _values(record: Any) -> dict[str, Any]:
+    return {k: getattr(v, "value", v) for k, v in (record.asset_materialization.metadata or {}).items()}
+
+
+def evaluation_summary(instance: "dg.DagsterInstance") -> dict[str, Any] | None:
+    """The final and the best checkpoint of the latest evaluated run, each with its metrics, from the
+    ``checkpoint_eval`` materialisations (one per step; the newest names ``best_step``). None before any."""
+    import dagster as dg
+
+    records = instance.fetch_materializations(dg.AssetKey(EVAL_ASSET), limit=1000).records  # newest first
+    if not records:
+        return None
+    latest = _values(records[0])
+    by_step: dict[int, dict[str, Any]] = {}
+    for record in records:
+        md = _values(record)
+        if md.get("run_dir") == latest.get("run_dir"):
+            by_step.setdefault(int(md["checkpoint_step"]), md)
+    final = by_step[max(by_step)]
+    return {"run_dir": latest.get("run_dir"), "metric": latest.get("best_metric"), "final": final,
+            "best": by_step.get(latest.get("best_step"))}
+
+
+def _step_line(label: str, md: dict[str, Any]) -> str:
+    """One checkpoint's scores: per-attribute and whole-prompt accuracy (tiny) or CLIP score / CLIP-FD."""
+    head = f"  {label} step {md['checkpoint_step']}: "
+    if "accuracy/whole" in md:
+        names = {"whole": "whole prompt"}
+        return head + ", ".join(f"{names.get(a, a)} {md[f'accuracy/{a}']:.0%}" for a in ATTRIBUTES)
+    return head + f"CLIP score {md.get('clip_score', float('nan')):.2f}, CLIP-FD {md.get('clip_fd', float('nan')):.2f}"
+
+
+def evaluation_lines(summary: dict[str, Any] | None) -> list[str]:
+    """What `make demo` prints about checkpoint_eval: the final and best checkpoints' scores, with the chance
+    levels and the scorers' ceilings (true renders, VAE reconstructions) when the profile has them."""
+    if not summary:
+        return []
+    final, best = summary["final"], summary["best"]
+    lines = [f"{EVAL_ASSET}: {summary['run_dir']} (best by {summary['metric']})", _step_line("final", final)]
+    if best is not None:
+        lines.append(_step_line("best ", best))
+    if "accuracy/whole" in final:
+        for label, prefix in (("chance", "chance/"), ("ceiling, true renders", "ceiling/true_renders/"),
+                              ("ceiling, VAE reconstructions", "ceiling/vae/")):
+            if f"{prefix}whole" in final:
+                lines.append(f"  {label}: " + ", ".join(f"{a} {final[prefix + a]:.0%}" for a in ATTRIBUTES))
+    return lines
+
+
 def missing_partitions(asset: str, data_root: Path) -> list[str]:
     """Shard keys of ``asset`` that have never been materialised (for `dagster job backfill --partitions`)."""
     os.environ.setdefault("DAGSTER_HOME", str(ensure_dagster_home(data_root / "dagster_home")))
     import dagster as dg
 
     from sd_assets.partitions import shards
+    from sd_core.paths import is_shard_key
 
     with dg.DagsterInstance.get() as instance:
         done = instance.get_materialized_partitions(dg.AssetKey(asset))
-        return [k for k in instance.get_dynamic_partitions(shards.name) if k not in done]
+        # keys that are not shard keys (registered by hand) would only be refused by the backfill's runs
+        return [k for k in instance.get_dynamic_partitions(shards.name) if k not in done and is_shard_key(k)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(result.get("score"), (int, float)):
         chance = result.get("chance")
         print(f"prompt adherence: {result['score']:.0%}" + (f" (chance {chance:.0%})" if chance else ""))
+    for line in evaluation_lines(result.get("evaluation")):
+        print(line)
     print(f"UI: make dev (DAGSTER_HOME={data_root / 'dagster_home'})")
     return 0
 

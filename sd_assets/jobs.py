@@ -2,7 +2,8 @@
 
 Selections go by asset group (the group names are a contract with `sd_assets/assets/*`):
 ``metadata`` (laion_metadata, filtered_metadata), ``images`` (image_shards), ``components``
-(frozen_components), ``encoding`` (latents), ``training`` (unet_checkpoint), ``sampling`` (sample_grid).
+(frozen_components), ``encoding`` (latents), ``training`` (unet_checkpoint), ``sampling`` (sample_grid), ``evaluation``
+(checkpoint_eval).
 """
 
 import dagster as dg
@@ -29,7 +30,10 @@ encode_job = _group_job(
     "encode_job", "encoding", per_shard=True,
     description="Encode one shard into the latent cache (one run per shard partition).")
 train_job = _group_job(
-    "train_job", "training", "sampling",
-    description="Train the UNet on every encoded shard, then render the sample grid.")
+    "train_job", "training", "sampling", "evaluation",
+    description="Train the UNet on every encoded shard, then render the sample grid and score every new checkpoint.")
+eval_job = _group_job(
+    "eval_job", "evaluation",
+    description="Score the latest run's checkpoints not yet scored (checkpoint_eval), without training.")
 
-jobs = [data_job, shards_job, components_job, encode_job, train_job]
+jobs = [data_job, shards_job, components_job, encode_job, train_job, eval_job]

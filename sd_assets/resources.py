@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from sd_core.config import Profile, get_profile
+from sd_core.config import ConfigError, Profile, get_profile
 
 
 class SDConfig(dg.ConfigurableResource):
@@ -22,4 +22,9 @@ class SDConfig(dg.ConfigurableResource):
     overrides: dict[str, Any] = {}
 
     def get(self) -> Profile:
-        return get_profile(self.profile or None, self.data_root or None, self.overrides or None)
+        """The run's profile; a bad value (wrong type, out of range, unknown field) fails the step with the
+        config's own message (section, field, value, allowed range) instead of a stack trace."""
+        try:
+            return get_profile(self.profile or None, self.data_root or None, self.overrides or None)
+        except ConfigError as e:
+            raise dg.Failure(description=f"run config: {e}") from None

@@ -8,6 +8,7 @@ from sd_assets.resources import SDConfig
 from sd_core.encoding.components import components_digest
 from sd_core.encoding.encode import latents_code_version, shard_status
 from sd_core.encoding.latent_cache import read_manifest
+from sd_core.paths import is_shard_key
 
 # The statuses of runs that did not produce a materialisation; each one bumps the attempt number in the run
 # key, so a failed re-encode is requested again on the next tick instead of being deduplicated forever.
@@ -43,6 +44,9 @@ def latents_refresh_requests(context: dg.ScheduleEvaluationContext, sd: SDConfig
     failed = None
     requests = []
     for key in context.instance.get_dynamic_partitions(shards.name):
+        if not is_shard_key(key):  # a hostile key registered by hand: `latents` would refuse it every tick
+            context.log.warning(f"latents_refresh: skipping partition {key!r}, not a shard key")
+            continue
         tar = p.shards_dir / f"{key}.tar"
         if not tar.is_file() or key in in_flight:
             continue

@@ -13,17 +13,66 @@ file or folder or the new one, never a truncated one.
 
 Temporary names are hidden and end with ``.tmp`` (folders start with ``.tmp-``), so leftovers of a killed
 process are easy to find.
+
+A full disk is reported as :class:`DiskFullError` ("no space left on DIR while writing NAME"), whatever the
+writer said (numpy's "N requested and M written", torch's "[enforce fail at inline_container.cc] unexpected
+pos", safetensors' "I/O error"), after the temporary file is removed: the previous version stays untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
+
+
+class DiskFullError(OSError):
+    """No space left where an artefact was being written (``errno`` is ENOSPC; ``path`` is the file). The
+    message names the folder and the file; callers add what stays intact (see `sd_core.training.checkpoint`)."""
+
+    def __init__(self, path: str | os.PathLike[str], note: str = ""):
+        self.path = Path(path)
+        message = f"no space left on {self.path.parent} while writing {self.path.name}"
+        super().__init__(errno.ENOSPC, message + (f", {note}" if note else ""))
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return str(self.strerror)
+
+
+# what writers say when a write came up short; torch's zip writer and numpy lose the errno on the way
+_SHORT_WRITE_MARKERS = ("No space left on device", "os error 28", "inline_container", "PytorchStreamWriter",
+                        "requested and", "file write failed")
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # pragma: no cover - platforms without statvfs
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, directory: str | os.PathLike[str]) -> bool:
+    """Whether a failed write into ``directory`` failed for lack of space: an ENOSPC/EDQUOT ``OSError``, or a
+    writer's short-write error while the filesystem is (nearly) full. Call it before deleting the partial
+    file: once that is gone, the space is free again."""
+    if isinstance(exc, DiskFullError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    if any(marker in text for marker in _SHORT_WRITE_MARKERS):
+        free = _free_bytes(Path(directory))
+        return free is not None and free < _NEARLY_FULL_BYTES
+    return False
 
 
 def fsync_dir(d: str | os.PathLike[str]) -> None:
@@ -67,8 +116,11 @@ def _written_temp(path: Path, write_to: Callable[[Path], None]) -> Path:
         write_to(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and is_disk_full(exc, path.parent)  # before the unlink frees space
         tmp.unlink(missing_ok=True)
+        if full and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path) from exc
         raise
     return tmp
 

@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("sd_core.train", "main", "train the UNet on the latent cache (torchrun-compatible)"),
     "generate": ("sd_core.sampling.generate", "generate_main", "generate images from a checkpoint"),
     "export-diffusers": ("sd_core.sampling.export", "main", "export a checkpoint as a diffusers pipeline folder"),
+    "components": ("sd_core.encoding.components_cli", "main",
+                   "prepare frozen components offline: the real CLIP tokenizer, sd15-shaped random weights"),
 }
 
 

@@ -85,3 +85,28 @@ def save_tiny_checkpoint(run_dir, unet, step: int = 10, lineage=None, with_ema: 
     sd = unet.state_dict()
     return save_checkpoint(run_dir, CheckpointConfig(step=step, unet=unet.config, **dict(lineage or {})),
                            unet_state=sd, ema_state=sd if with_ema else None, train_state={"step": step})
+
+
+def sd15_like_checkpoint(profile, tmp_path):
+    """A small random ``CLIPModel`` saved under ``tmp_path/clip``, the profile switched to a non-synthetic
+    source (so evaluation takes the sd15 CLIP path) and a random checkpoint of its UNet: the pieces the CLIP
+    metrics need, at a size that scores in seconds. Returns (profile, clip_dir, checkpoint dir)."""
+    import dataclasses
+
+    from transformers import CLIPConfig, CLIPModel
+
+    from sd_core.model.unet import UNetModel
+
+    torch.manual_seed(0)
+    clip_dir = tmp_path / "clip"
+    CLIPModel(CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "patch_size": 8, "image_size": 32},
+        projection_dim=16)).save_pretrained(clip_dir)
+    sd15_like = profile.with_overrides({"source": {"kind": "parquet", "uri": "unused.parquet"}})
+    lineage = {"latents_dir": str(profile.latents_dir), "shards": ("00000", "00001"), "scaling_factor": 1.0,
+               "train": dataclasses.asdict(profile.train), "profile": "tiny"}
+    ckpt = save_tiny_checkpoint(tmp_path / "run", UNetModel(profile.unet), step=3, lineage=lineage)
+    return sd15_like, clip_dir, ckpt

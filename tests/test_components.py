@@ -148,3 +148,173 @@ def test_sd15_loading_path_from_local_directories(sd15_dirs, tmp_path):
     assert tuple(z.shape) == (2, 4, 64, 64)
     assert tuple(vae.decode(z).sample.shape) == (2, 3, 512, 512)
     assert components_digest(p) != ""  # local directories are fingerprinted
+
+
+# ------------------------------------------------------------------------- the real CLIP BPE tokenizer
+# SD 1.x's prompt from the diffusers docs, as openai/clip-vit-large-patch14's tokenizer encodes it.
+ASTRONAUT = "a photograph of an astronaut riding a horse"
+ASTRONAUT_IDS = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+# Upper case, runs of spaces/tabs/newlines, leading/trailing blanks, punctuation runs, contractions, digits.
+MESSY = "  A PHOTOGRAPH\tof an   Astronaut...\n riding a HORSE, isn't it?! 42%  "
+# Worked out by `_reference_clip_bpe` below (OpenAI's simple_tokenizer.py algorithm): lower-cased, whitespace
+# collapsed, a run of punctuation ("...", "?!") one token, "isn't" -> "isn" "'t", digits one by one.
+MESSY_IDS = [49406, 320, 8853, 539, 550, 18376, 678, 6765, 320, 4558, 267, 2923, 713, 585, 2835, 275, 273, 260,
+             49407]
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer_dir(tmp_path_factory):
+    """The real tokenizer built once (the wheel comes from the shared cache after the first fetch)."""
+    from sd_core.encoding.components import build_clip_tokenizer
+
+    out = tmp_path_factory.mktemp("clip") / "tokenizer"
+    build_clip_tokenizer(out)
+    return out
+
+
+def _reference_clip_bpe(text: str) -> list[int]:
+    """OpenAI's ``simple_tokenizer.py`` for ASCII text, written independently of transformers/tokenizers: the
+    vocabulary from the merges file, the pre-token pattern (ASCII classes for \\p{L} and \\p{N}), greedy
+    lowest-rank merges, ``</w>`` on each word's last symbol."""
+    import re
+
+    from sd_core.encoding import clip_bpe
+
+    lines = clip_bpe.read_bpe_merges(clip_bpe.fetch_open_clip_wheel())
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    byte_sym = clip_bpe.bytes_to_unicode()
+    vocab = list(byte_sym.values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    encoder, ranks = {t: i for i, t in enumerate(vocab)}, {m: i for i, m in enumerate(merges)}
+
+    def bpe(token: str) -> list[str]:
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+            if best not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        return word
+
+    text = re.sub(r"\s+", " ", text).strip().lower()
+    pattern = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"
+    ids = [encoder["<|startoftext|>"]]
+    for tok in re.findall(pattern, text):
+        ids += [encoder[t] for t in bpe("".join(byte_sym[b] for b in tok.encode("utf-8")))]
+    return ids + [encoder["<|endoftext|>"]]
+
+
+def test_clip_tokenizer_gives_the_hub_ids_padded_with_eos(clip_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from sd_core.encoding.components import load_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(clip_tokenizer_dir)
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
+    assert tok(ASTRONAUT).input_ids == ASTRONAUT_IDS
+    # the pipeline's own path: load_tokenizer (AutoTokenizer.from_pretrained(dir)) + tokenize to 77
+    ids = tokenize(load_tokenizer(str(clip_tokenizer_dir), 77), [ASTRONAUT, ""], 77)
+    assert ids.shape == (2, 77) and ids.dtype == torch.int64
+    assert ids[0].tolist() == ASTRONAUT_IDS + [49407] * (77 - len(ASTRONAUT_IDS))
+    assert ids[1].tolist() == [49406] + [49407] * 76  # the empty prompt (CFG's unconditional input)
+    long_ids = tokenize(tok, [" ".join(["horse"] * 100)], 77)[0].tolist()
+    assert len(long_ids) == 77 and long_ids[0] == 49406 and long_ids[-1] == 49407  # truncated, still closed
+    assert tok.decode(ASTRONAUT_IDS, skip_special_tokens=True) == ASTRONAUT
+
+
+def test_clip_tokenizer_lowercases_collapses_whitespace_and_splits_punctuation(clip_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(clip_tokenizer_dir)
+    assert _reference_clip_bpe(MESSY) == MESSY_IDS
+    assert _reference_clip_bpe(ASTRONAUT) == ASTRONAUT_IDS
+    assert tok(MESSY).input_ids == MESSY_IDS
+    assert tok.convert_ids_to_tokens(MESSY_IDS[5:8]) == ["astronaut</w>", "...</w>", "riding</w>"]
+    assert tok("A  Photograph OF an astronaut riding a HORSE").input_ids == ASTRONAUT_IDS
+
+
+def test_clip_tokenizer_cli_writes_a_loadable_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    sd = [sys.executable, "-m", "sd_core.cli", "components", "clip-tokenizer"]
+    res = subprocess.run([*sd, "--out", str(tmp_path / "tok"), "--max-length", "77"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "49408 tokens" in res.stdout
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok")(ASTRONAUT).input_ids == ASTRONAUT_IDS
+
+
+
+def test_clip_tokenizer_cli_refuses_to_replace_a_foreign_folder(tmp_path, capsys):
+    from sd_core.cli import main
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert main(["components", "clip-tokenizer", "--out", str(precious)]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to replace" in err and str(precious) in err
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def _unreachable_index(monkeypatch) -> None:
+    """pip pointed at a closed loopback port, with no config file and no local wheel folders to fall back on."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    for var in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_clip_tokenizer_without_the_index_is_a_clear_error_and_the_cache_avoids_a_second_fetch(
+        clip_tokenizer_dir, monkeypatch, tmp_path, capsys):
+    from sd_core.cli import main
+    from sd_core.encoding import clip_bpe
+    from sd_core.encoding.components import build_clip_tokenizer
+
+    cached = clip_bpe.fetch_open_clip_wheel()  # what clip_tokenizer_dir was built from
+    _unreachable_index(monkeypatch)
+    # the cached wheel is used: no fetch, so no index is needed
+    assert build_clip_tokenizer(tmp_path / "again")(ASTRONAUT).input_ids == ASTRONAUT_IDS
+    # an empty cache and no index: one line naming what failed, exit status 1, nothing written
+    capsys.readouterr()
+    assert main(["components", "clip-tokenizer", "--out", str(tmp_path / "tok"),
+                 "--cache", str(tmp_path / "empty-cache")]) == 1
+    err = capsys.readouterr().err
+    assert "could not fetch open_clip_torch from the package index: " in err and "127.0.0.1:9" in err, err
+    assert not (tmp_path / "tok").exists() and not list((tmp_path / "empty-cache" / "wheels").glob("*.whl"))
+    assert cached.exists()
+
+
+def test_a_broken_or_altered_cached_wheel_is_refused_by_name(tmp_path):
+    import gzip
+    import zipfile
+
+    from sd_core.encoding import clip_bpe
+    from sd_core.encoding.components import build_clip_tokenizer
+
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    broken = wheels / "open_clip_torch-9.9.9-py3-none-any.whl"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(clip_bpe.ClipBpeError, match=f"cannot read the cached wheel {broken}.*delete it"):
+        build_clip_tokenizer(tmp_path / "tok", cache_dir=tmp_path / "cache")
+    with zipfile.ZipFile(broken, "w") as zf:  # a wheel whose merges file was edited: every id would shift
+        zf.writestr("open_clip/bpe_simple_vocab_16e6.txt.gz", gzip.compress(b"#version: 0.2\ni n\n"))
+    with pytest.raises(clip_bpe.ClipBpeError, match="SHA-256"):
+        build_clip_tokenizer(tmp_path / "tok", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "tok").exists()

@@ -15,6 +15,7 @@ import pytest
 from sd_assets.assets.data import filtered_metadata, image_shards, laion_metadata
 from sd_assets.resources import SDConfig
 from sd_core.data.synthetic import read_manifest
+from dagster_support import step_error_text
 
 # 120 rows → 86 pass the filters (synthetic.plant_counts) → two parts of 43 rows.
 ROWS, SHARD = 120, 43
@@ -31,13 +32,6 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*")) if p.is_file()}
 
 
-def _error_text(result) -> str:
-    """Every message in the failed step's error chain (Dagster wraps the asset's exception)."""
-    err, parts = result.get_step_failure_events()[0].event_specific_data.error, []
-    while err is not None:
-        parts.append(err.message)
-        err = err.cause
-    return "\n".join(parts)
 
 
 def _tar_payload(path: Path) -> dict[str, bytes]:
@@ -92,7 +86,7 @@ def test_the_filter_funnel_equals_the_planted_counts(downloaded):
     # stage by stage, exactly
     manifest = downloaded.manifest
     fm = downloaded.first.asset_materializations_for_node("filtered_metadata")[0].metadata
-    assert fm["removed_by"].value == {**manifest["planted"], "already_sharded": 0}
+    assert fm["removed_by"].value == {**manifest["planted"], "url_policy": 0, "already_sharded": 0}
     assert fm["rows_in"].value == ROWS and fm["rows_out"].value == manifest["rows_out"] == 2 * SHARD
     assert "| min_aesthetic |" in fm["funnel"].value
     checks = downloaded.first.get_asset_check_evaluations()
@@ -161,7 +155,7 @@ def test_a_bad_source_fails_naming_the_file_and_damages_nothing(downloaded):
     bad = SDConfig(profile="tiny", data_root=str(root), overrides={"source": {"kind": "parquet", "uri": str(notes)}})
     r = dg.materialize([laion_metadata], instance=downloaded.instance, resources={"sd": bad}, raise_on_error=False)
     assert not r.success
-    err = _error_text(r)
+    err = step_error_text(r)
     assert f"{notes} is not a readable parquet file" in err, err
     assert _digests(root / "metadata") == metadata_before and _digests(root / "filtered") == filtered_before
 
@@ -172,5 +166,5 @@ def test_image_shards_without_a_part_fails_clearly(tmp_path):
         r = dg.materialize([image_shards], partition_key="00007", instance=instance,
                            resources={"sd": _sd(tmp_path / "data")}, raise_on_error=False)
         assert not r.success
-        msg = _error_text(r)
+        msg = step_error_text(r)
         assert "00007" in msg and "does not exist" in msg

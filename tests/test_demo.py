@@ -107,6 +107,31 @@ def test_the_demo_ends_with_the_grid_and_its_score(demo):
     grid = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("sample_grid: "))
     assert Path(grid).is_file() and Path(grid).is_relative_to(demo.data_root), grid
     assert "prompt adherence:" in out
+    # and the final and best checkpoints' accuracies from checkpoint_eval
+    assert "checkpoint_eval: " in out and "final step 4: colour " in out and "whole prompt" in out, out[-3000:]
+    assert "best  step 4" in out and "ceiling, true renders: colour 100%" in out
+
+
+def test_the_demo_prints_final_and_best_checkpoint_accuracies():
+    from sd_assets.demo import evaluation_lines, evaluation_summary
+
+    def step(n, whole, best):
+        md = {"checkpoint_step": n, "run_dir": dg.MetadataValue.path("/r"), "best_step": best,
+              "best_metric": "accuracy/whole"}
+        for prefix, v in (("accuracy/", whole), ("chance/", 0.25), ("ceiling/true_renders/", 1.0)):
+            md.update({f"{prefix}{a}": v for a in ("colour", "shape", "background", "whole")})
+        return md
+
+    with dg.instance_for_test() as instance:
+        assert evaluation_summary(instance) is None and evaluation_lines(None) == []
+        for n, whole, best in ((2, 0.5, 2), (4, 0.75, 4), (6, 0.6, 4)):
+            instance.report_runless_asset_event(dg.AssetMaterialization("checkpoint_eval", metadata=step(n, whole, best)))
+        lines = evaluation_lines(evaluation_summary(instance))
+    assert lines[0] == "checkpoint_eval: /r (best by accuracy/whole)"
+    assert lines[1] == "  final step 6: colour 60%, shape 60%, background 60%, whole prompt 60%"
+    assert lines[2] == "  best  step 4: colour 75%, shape 75%, background 75%, whole prompt 75%"
+    assert lines[3] == "  chance: colour 25%, shape 25%, background 25%, whole 25%"
+    assert "  ceiling, true renders: colour 100%, shape 100%, background 100%, whole 100%" in lines
 
 
 def test_a_second_demo_reuses_what_is_materialized(demo):

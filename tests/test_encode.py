@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from sd_core.encoding.components import load_components
-from sd_core.encoding.encode import encode_shard, latent_stats, load_image
+from sd_core.encoding.encode import ShardCountError, encode_shard, latent_stats, load_image, recorded_samples
 from sd_core.encoding.latent_cache import LatentDataset, read_manifest, read_shard_table
 from sd_core.encoding.vae_fit import psnr
 from latents_support import PSNR_FLOOR_DB, SD_VAE_FT_MSE, install_components, write_synthetic_tar
@@ -99,6 +103,35 @@ def test_empty_and_missing_tars(profile):
     r = encode_shard(tar, profile.latents_dir, "00002", profile, device="cpu")
     assert (r.encoded, r.skipped) == (0, 2)
     assert read_manifest(profile.latents_dir)["00002"]["count"] == 0
+
+
+def test_a_tar_shorter_than_img2datasets_record_is_refused_and_the_cache_kept(profile):
+    """img2dataset records how many samples it wrote (``_stats.json``, per row in the ``.parquet``); a tar
+    that reads short (cut off, damaged on disk) ends without a decode error, so only that count shows it."""
+    tar = profile.shards_dir / "00003.tar"
+    write_synthetic_tar(tar, 16, seed=3, corrupt=(4,))
+    stats = profile.shards_dir / "00003_stats.json"
+    stats.write_text(json.dumps({"count": 18, "successes": 16, "failed_to_download": 2}))
+    first = encode_shard(tar, profile.latents_dir, "00003", profile, device="cpu")
+    assert (first.encoded, first.skipped) == (15, 1)  # an undecodable sample is read (and skipped), not missing
+    cache = [profile.latents_dir / f"00003{ext}" for ext in (".npy", ".tokens.npy", ".parquet")]
+    cache.append(profile.latents_dir / "manifest.json")
+    before = {f: f.read_bytes() for f in cache}
+
+    with open(tar, "r+b") as f:
+        f.truncate(tar.stat().st_size // 2)
+    with pytest.raises(ShardCountError, match=rf"shard 00003: {tar} holds \d+ readable sample\(s\) but img2dataset "
+                                              rf"wrote 16 into it \(per {stats}\)") as e:
+        encode_shard(tar, profile.latents_dir, "00003", profile, device="cpu")
+    assert 0 < e.value.read < 16
+    # without the stats file, img2dataset's per-row results say the same
+    stats.unlink()
+    results = profile.shards_dir / "00003.parquet"
+    pq.write_table(pa.table({"status": ["success"] * 16 + ["failed_to_download"] * 2}), results)
+    assert recorded_samples(tar) == (16, str(results))
+    with pytest.raises(ShardCountError, match="wrote 16 into it"):
+        encode_shard(tar, profile.latents_dir, "00003", profile, device="cpu")
+    assert {f: f.read_bytes() for f in cache} == before
 
 
 @pytest.mark.slow

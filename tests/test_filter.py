@@ -12,6 +12,7 @@ import pytest
 from sd_core.config import FilterConfig
 from sd_core.data.filter import check_parts, existing_parts, filter_metadata
 from sd_core.data.metadata import MetadataError
+from sd_core.data.url_policy import UrlPolicy
 
 WORDS = ["a", "photo", "of", "the", "café", "日本", "sunset", "over", "hills", "red", "car", "with", "dog"]
 
@@ -24,10 +25,29 @@ def _captions(rng, n):
     return out
 
 
+# URLs no image row may point at: other schemes, this host, the cloud metadata endpoint, private networks,
+# in the spellings the C resolver accepts; and, mixed in, unusual spellings of public hosts that must pass.
+HOSTILE_URLS = [
+    "file:///etc/passwd", "data:image/png;base64,iVBORw0KGgo=", "ftp://ftp.example/a.jpg", "gopher://x/",
+    "http://127.0.0.1:8080/a.jpg", "http://localhost/a.jpg", "HTTP://LocalHost./a.jpg", "http://a.localhost/x",
+    "http://[::1]:9000/a.jpg", "http://[::ffff:127.0.0.1]/a.jpg", "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/a.jpg", "http://192.168.1.7/a.jpg", "http://172.16.0.3/a.jpg", "http://0.0.0.0/a.jpg",
+    "http://2130706433/a.jpg", "http://0x7f.1/a.jpg", "http://127.1/a.jpg", "http://user@10.1.2.3/a.jpg",
+    "http://example.com@127.0.0.1/a.jpg", " file:///etc/shadow", "<URL:file:///etc/hosts>", "http://[fe80::1]/",
+    "http://[fd00::5]/a.jpg", "http:///no-host.jpg", "http://[::1/broken.jpg", "javascript:alert(1)",
+]
+PUBLIC_ODD_URLS = ["https://8.8.8.8/a.jpg", "http://[2606:4700::1111]/a.jpg", "HTTPS://Img.Example.COM/A.JPG",
+                   "https://example.com./trailing-dot.jpg", "https://xn--nxasmq6b.example/a.jpg"]
+
+
 def _urls(rng, n, pool, prefix):
     urls = [f"https://{prefix}.example/{i}.jpg" for i in rng.integers(0, pool, n)]  # duplicates on purpose
     for j in rng.choice(n, max(1, n // 100), replace=False):
         urls[j] = None if j % 2 else ""
+    odd = HOSTILE_URLS + PUBLIC_ODD_URLS
+    for k, j in enumerate(range(7, n, max(1, n // len(odd)))):  # fixed rows: the other columns stay as they were
+        if urls[j]:
+            urls[j] = odd[k % len(odd)]
     return urls
 
 
@@ -103,6 +123,8 @@ def pandas_filter(frames: list[pd.DataFrame], cfg: FilterConfig):
         alive = alive & ok
 
     stage("url", d.url.notna() & (d.url.fillna("") != ""))
+    policy = UrlPolicy.from_entries(cfg.allow_hosts)  # the Python check on every row; SQL pre-checks in regex
+    stage("url_policy", [u is not None and policy.url_refusal(u) is None for u in d.url])
     if cfg.min_aesthetic is not None:
         stage("min_aesthetic", d.aesthetic >= cfg.min_aesthetic)
     if cfg.min_similarity is not None:
@@ -141,8 +163,8 @@ def test_v2_column_names_match_pandas(tmp_path):
     report = filter_metadata([src], tmp_path / "out", cfg, shard_size=100)
     removed, ref = pandas_filter([normalise_v2(pd.read_parquet(src))], cfg)
     assert report.removed_by == removed
-    assert list(report.removed_by) == ["url", "min_aesthetic", "min_similarity", "min_side", "aspect", "caption_len",
-                                       "max_pwatermark", "safety", "dedup_url", "already_sharded"]
+    assert list(report.removed_by) == ["url", "url_policy", "min_aesthetic", "min_similarity", "min_side", "aspect",
+                                       "caption_len", "max_pwatermark", "safety", "dedup_url", "already_sharded"]
     assert report.rows_in == 3000 and report.rows_out == len(ref) > 0
     assert all(v > 0 for k, v in removed.items() if k != "already_sharded"), removed  # every stage exercised
     ours = read_parts(tmp_path / "out")
@@ -150,9 +172,10 @@ def test_v2_column_names_match_pandas(tmp_path):
     sizes = list(report.shard_rows.values())
     assert all(s == 100 for s in sizes[:-1]) and 0 < sizes[-1] <= 100
     assert ours.width.dtype == np.int32 and ours.aesthetic.dtype == np.float64
+    assert not set(ours.url) & set(HOSTILE_URLS)
     assert check_parts(list(existing_parts(tmp_path / "out").values()), cfg) == dict.fromkeys(
-        ["url", "min_aesthetic", "min_similarity", "min_side", "aspect", "caption_len", "max_pwatermark", "safety",
-         "duplicate_url"], 0)
+        ["url", "url_policy", "min_aesthetic", "min_similarity", "min_side", "aspect", "caption_len", "max_pwatermark",
+         "safety", "duplicate_url"], 0)
 
 
 def test_nsfw_string_column_and_mixed_schemas_match_pandas(tmp_path):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,14 +16,16 @@ import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
+from sd_assets.assets.data import filtered_metadata, image_shards, laion_metadata
 from sd_assets.assets.latents import build_latents_asset, frozen_components
 from sd_core.encoding.encode import latents_code_version
 from sd_assets.jobs import encode_job
 from sd_assets.resources import SDConfig
 from sd_assets.schedules import latents_refresh
 from sd_core.config import Profile
-from sd_core.encoding.latent_cache import LatentDataset, read_manifest, read_shard_table, shard_paths
+from sd_core.encoding.latent_cache import MANIFEST, LatentDataset, read_manifest, read_shard_table, shard_paths
 from latents_support import OVERRIDES, install_components, write_synthetic_tar
+from dagster_support import step_error_text
 
 
 def _materialize(assets, instance, overrides, root, **kw):
@@ -202,6 +205,42 @@ def test_latents_needs_the_shard_tar(tiny_built, tiny_profile, tmp_path):
         res = dg.materialize([build_latents_asset(p)], instance=instance, partition_key="00009", raise_on_error=False,
                              resources={"sd": SDConfig(data_root=str(p.data_root), overrides=OVERRIDES)})
         assert not res.success
+
+
+# One real img2dataset shard: 60 synthetic rows → one filtered part, downloaded over HTTP from the loopback server.
+ONE_SHARD = {"source": {"synthetic_rows": 60}, "download": {"shard_size": 50, "thread_count": 4, "timeout_s": 20}}
+
+
+
+
+def test_a_truncated_shard_tar_fails_latents_and_leaves_the_previous_cache_untouched(tiny_built, tiny_profile,
+                                                                                   tmp_path):
+    p = tiny_profile(tmp_path / "data")
+    install_components(tiny_built, p)
+    overrides = {**OVERRIDES, **ONE_SHARD}
+    with dg.instance_for_test() as instance:
+        _materialize([laion_metadata, filtered_metadata], instance, overrides, p.data_root)
+        (key,) = instance.get_dynamic_partitions("shards")
+        _materialize([image_shards], instance, overrides, p.data_root, partition_key=key)
+        tar = p.shards_dir / f"{key}.tar"
+        written = json.loads((p.shards_dir / f"{key}_stats.json").read_text())["successes"]
+        good = _materialize([build_latents_asset(p)], instance, overrides, p.data_root, partition_key=key)
+        assert _mat_metadata(good)["encoded"] == written > 20
+        files = shard_paths(p.latents_dir, key)
+        cache = [files.latents, files.tokens, files.table, p.latents_dir / MANIFEST]
+        before = {f: f.read_bytes() for f in cache}
+
+        with open(tar, "r+b") as f:  # a copy cut short: half the bytes
+            f.truncate(tar.stat().st_size // 2)
+        res = dg.materialize([build_latents_asset(p)], instance=instance, partition_key=key, raise_on_error=False,
+                             resources={"sd": SDConfig(data_root=str(p.data_root), overrides=overrides)})
+        assert not res.success
+        text = step_error_text(res)
+        read = re.search(rf"shard {key}: {re.escape(str(tar))} holds (\d+) readable sample", text)
+        assert read and int(read.group(1)) < written and f"but img2dataset wrote {written} into it" in text
+        assert "truncated or damaged" in text and f"{key}_stats.json" in text
+        assert {f: f.read_bytes() for f in cache} == before  # latents, tokens, table and manifest, byte for byte
+        assert instance.get_latest_materialization_event(LATENTS).run_id == good.run_id  # none recorded since
 
 
 def test_definitions_wire_latents():

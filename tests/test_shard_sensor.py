@@ -1,4 +1,7 @@
-"""The shard sensor: shard parts on disk that are not partitions yet → partitions added, one run each, once."""
+"""The shard sensor: shard parts on disk that are not partitions yet → partitions added, one run each, once;
+parts whose names are not shard keys are skipped with a reason."""
+
+import shutil
 
 import dagster as dg
 
@@ -56,3 +59,28 @@ def test_new_shard_on_disk_is_registered_and_requested_exactly_once(tmp_path):
         # The requests target the image download job, which accepts these partitions.
         job = defs.resolve_job_def("shards_job")
         assert result.run_requests[0].job_name in (None, job.name)
+
+
+def test_part_files_whose_names_are_not_shard_keys_are_skipped_with_a_reason(tmp_path):
+    """``filtered/`` holds a real part and copies of it under names the filter never writes but its glob
+    (``\\d{5,}``) matches: other scripts' digits and a non-canonical zero padding. Only the real key becomes a
+    partition (and a run); the others are named in the skip reason, every tick, and never registered."""
+    root = tmp_path / "data"
+    sd = SDConfig(profile="tiny", data_root=str(root))
+    generate_synthetic(tmp_path / "m1.parquet", rows=60, seed=1)
+    report = filter_metadata([tmp_path / "m1.parquet"], root / "filtered", FilterConfig(min_side=64), shard_size=50)
+    assert report.shard_keys == ["00000"]
+    odd = ["\u0660\u0660\u0660\u0660\u0661", "\uff10\uff10\uff10\uff10\uff12", "000003"]
+    for name in odd:
+        shutil.copy(root / "filtered" / "00000.parquet", root / "filtered" / f"{name}.parquet")
+    with dg.instance_for_test() as instance:
+        result = _tick(instance, sd)
+        assert [r.partition_key for r in result.run_requests] == ["00000"]
+        assert instance.get_dynamic_partitions("shards") == ["00000"]
+
+        skip = _tick(instance, sd)
+        assert isinstance(skip, dg.SkipReason)
+        assert "3 refused, not registered" in skip.skip_message
+        for name in odd:
+            assert ascii(name) in skip.skip_message and "is not a valid shard key" in skip.skip_message
+        assert instance.get_dynamic_partitions("shards") == ["00000"]

@@ -1,7 +1,11 @@
-"""img2dataset as a supervised subprocess: watchdog, cancellation, zero images. Real img2dataset, real HTTP."""
+"""img2dataset as a supervised subprocess: watchdog, cancellation, its parent's death, zero images. Real
+img2dataset, real HTTP."""
 
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +33,7 @@ class _Trickle(BaseHTTPRequestHandler):
     """Announces a big image, then sends one byte every 0.5 s: img2dataset's per-read timeout never fires."""
 
     def do_GET(self):  # noqa: N802
+        self.server.hits += 1
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
         self.send_header("Content-Length", "100000")
@@ -46,20 +51,31 @@ class _Trickle(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def trickle_url():
+def trickle():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
     httpd.daemon_threads = True
+    httpd.hits = 0
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/slow.jpg"
+    yield httpd
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def trickle_url(trickle):
+    return f"http://127.0.0.1:{trickle.server_address[1]}/slow.jpg"  # loopback: allow it (_allow) to download
 
 
 def _part(path: Path, urls: list[str]) -> Path:
     pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))],
                              "hash": pa.array(range(len(urls)), pa.int64())}), path)
     return path
+
+
+def _allow(url: str) -> list[str]:
+    """The URL policy's allow-list entry for the loopback test server of ``url`` (host:port)."""
+    return [url.split("/")[2]]
 
 
 def _pid_from(logs: list[str]) -> int:
@@ -76,7 +92,7 @@ def test_watchdog_kills_a_stalled_download_and_its_whole_group(tmp_path, trickle
     t0 = time.monotonic()
     with pytest.raises(ShardDownloadError, match=r"no progress for 4 s \(watchdog_s\)"):
         download_shard(_part(tmp_path / "p.parquet", [trickle_url] * 2), tmp_path / "shards", "00000", cfg,
-                       log=logs.append)
+                       log=logs.append, allow_hosts=_allow(trickle_url))
     assert time.monotonic() - t0 < 90
     pid = _pid_from(logs)
     assert live_group_members(pid) == []
@@ -98,12 +114,70 @@ def test_cancel_in_the_parent_kills_the_process_group(tmp_path, trickle_url):
     try:
         with pytest.raises(Cancelled):
             download_shard(_part(tmp_path / "p.parquet", [trickle_url] * 2), tmp_path / "shards", "00000", CFG,
-                           log=logs.append)
+                           log=logs.append, allow_hosts=_allow(trickle_url))
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert live_group_members(_pid_from(logs)) == []
     assert list((tmp_path / "shards").iterdir()) == []
+
+
+# Runs download_shard in a process of its own, which the test then SIGKILLs (no cleanup of ours can run).
+_LAUNCHER = """
+import sys
+from sd_core.config import DownloadConfig
+from sd_core.data.shards import download_shard
+part, shards, allow = sys.argv[1:4]
+download_shard(part, shards, "00000", DownloadConfig(image_size=32, thread_count=2, timeout_s=30, watchdog_s=600),
+               log=lambda m: print(m, flush=True), allow_hosts=[allow])
+"""
+
+
+def _wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_the_downloader_dies_with_its_killed_parent_and_the_next_run_removes_its_folder(tmp_path, trickle,
+                                                                                          trickle_url):
+    shards = tmp_path / "shards"
+    launcher_log = tmp_path / "launcher.log"
+    with open(launcher_log, "w") as out:
+        launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(_part(tmp_path / "p.parquet", [trickle_url])),
+                                     str(shards), _allow(trickle_url)[0]], stdout=out, stderr=subprocess.STDOUT)
+    pgid = None
+    try:
+        pgid = _wait_for(lambda: re.search(r"img2dataset started: pid (\d+)", launcher_log.read_text()), 60,
+                         "the download to start").group(1)
+        pgid = int(pgid)
+        _wait_for(lambda: trickle.hits, 120, "an img2dataset worker to be mid-download")
+        assert len(live_group_members(pgid)) >= 2  # img2dataset and its spawned worker(s)
+        launcher.send_signal(signal.SIGKILL)
+        assert launcher.wait(timeout=10) == -signal.SIGKILL
+        _wait_for(lambda: not live_group_members(pgid), 5, f"img2dataset's processes {live_group_members(pgid)} to die")
+    finally:
+        launcher.kill()
+        if pgid is not None and live_group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+    (stale,) = shards.glob(".tmp-00000-*")  # the killed run's work folder, left behind
+    assert stale.name.endswith(f"-{launcher.pid}")
+    live = shards / (stale.name.rsplit("-", 1)[0] + f"-{os.getppid()}")  # a live process's: never touched
+    live.mkdir()
+
+    # The next run of the partition removes the dead run's folder and downloads as usual.
+    logs: list[str] = []
+    with ImageServer() as srv:
+        good = _part(tmp_path / "good.parquet", [f"{srv.base_url}/shapes/circle/red/white/64x64/1.png"])
+        report = download_shard(good, shards, "00000", CFG, log=logs.append, allow_hosts=[srv.authority])
+    assert report.successes == 1
+    assert sorted(p.name for p in shards.iterdir()) == sorted(["00000.tar", "00000.parquet", "00000_stats.json",
+                                                                live.name])
+    assert any(f"removed {stale.name}" in line for line in logs), logs
 
 
 def test_zero_images_is_a_clear_failure_that_writes_nothing(tmp_path):
@@ -115,7 +189,8 @@ def test_zero_images_is_a_clear_failure_that_writes_nothing(tmp_path):
     with ImageServer() as srv:
         with pytest.raises(NoImagesError, match=r"shard 00001: 0 of 4 images downloaded; failures: "
                                                 r"3× HTTP Error 404: Not Found, 1× Image decoding error"):
-            download_shard(_part(tmp_path / "p.parquet", urls), shards, "00001", CFG, rewrite=srv.rewrite)
+            download_shard(_part(tmp_path / "p.parquet", urls), shards, "00001", CFG, rewrite=srv.rewrite,
+                           allow_hosts=[srv.authority])
     assert sorted(p.name for p in shards.iterdir()) == ["00001.tar"]
     assert (shards / "00001.tar").read_bytes() == b"an earlier good download"
 
@@ -132,3 +207,5 @@ def test_failure_reasons_group_messages():
     assert failure_reason("<urlopen error [Errno 111] Connection refused> http://127.0.0.1:4321/x") == \
         "<urlopen error [Errno 111] Connection refused> <url>"
     assert failure_reason(None) == "unknown"
+    assert failure_reason("<urlopen error url policy: address [::1]:8080 is loopback>") == \
+        "<urlopen error url policy: address <addr> is loopback>"

@@ -119,3 +119,23 @@ def test_image_server_serves_renders_404_and_corrupt_bytes():
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/shapes/circle/red/white/64x64/1.png", timeout=2)
     assert threading.active_count() <= before
+
+
+def test_sd15_scale_rows_are_512_to_768_px_and_served_at_that_size(tmp_path):
+    # configs/sd15-smoke.yaml: synthetic_image_size 512 with sd15's thresholds (sides >= 512, aspect 0.5-2), so
+    # the real filters apply; the clean rows span 512-768 px a side and the server renders them at that size.
+    cfg = FilterConfig()
+    m = generate_synthetic(tmp_path / "m.parquet", rows=60, seed=0, image_size=512, filter_config=cfg)
+    t = pq.read_table(m.path).to_pandas()
+    good = t[t.URL.str.contains("/shapes/", na=False) & (t.aesthetic >= cfg.min_aesthetic)
+             & (t.similarity >= cfg.min_similarity) & (t.TEXT.str.len() >= cfg.min_caption_len)
+             & (t.TEXT.str.len() <= cfg.max_caption_len) & (t.pwatermark < cfg.max_pwatermark)
+             & (t.punsafe < cfg.max_punsafe) & (t.WIDTH >= 512) & (t.HEIGHT >= 512)
+             & (t.WIDTH / t.HEIGHT).between(0.5, 2.0)]
+    assert len(good.drop_duplicates("URL")) == m.good
+    assert good.WIDTH.between(512, 768).all() and good.HEIGHT.between(512, 768).all()
+    assert good.WIDTH.max() > 600  # a range, not one size
+    url = good.URL.iloc[0]
+    with ImageServer() as srv:
+        img = Image.open(io.BytesIO(urllib.request.urlopen(srv.rewrite(url), timeout=30).read()))
+    assert img.size == (int(good.WIDTH.iloc[0]), int(good.HEIGHT.iloc[0]))

@@ -17,10 +17,8 @@ from sd_core.training.lr_schedule import lr_factor
 from sd_core.training.data_order import split_indices
 from sd_core.training.faults import FAULT_ENV
 from sd_core.training.metrics_log import read_metrics
-from train_support import make_tiny_data, train_argv
+from train_support import SMALL_UNET, make_tiny_data, train_argv
 
-# a smaller UNet than the tiny profile's, so each test step costs a few tens of ms
-SMALL_UNET = {"unet": {"ch": 16, "ch_mults": [1, 2], "res_blks": 1, "attn_lvls": [2], "heads": 2, "norm_groups": 8}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,3 +151,19 @@ def test_loss_falls_on_structured_latents(profile, tmp_path):
     assert math.isfinite(last) and last < 0.8 * first, (first, last)
     val = [(r["step"], r["val_loss"]) for r in read_metrics(out) if r["kind"] == "val"]
     assert [s for s, _ in val] == [0, 40] and val[-1][1] < val[0][1]
+
+
+def test_adamw_moments_saved_with_conv_shapes_resume_into_linear_projections():
+    """Checkpoints from before proj_in/proj_out became Linear hold their AdamW moments as (C, C, 1, 1)."""
+    from sd_core.training.trainer import _match_optimizer_state_shapes
+
+    proj = torch.nn.Linear(4, 4, bias=False)
+    opt = torch.optim.AdamW(proj.parameters())
+    old = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.full((4, 4, 1, 1), 0.5),
+                         "exp_avg_sq": torch.full((4, 4, 1, 1), 0.25)}},
+           "param_groups": opt.state_dict()["param_groups"]}
+    opt.load_state_dict(old)
+    _match_optimizer_state_shapes(opt)
+    proj(torch.ones(1, 4)).sum().backward()
+    opt.step()  # without the reshape: "The size of tensor a (4) must match the size of tensor b (1)"
+    assert opt.state[proj.weight]["exp_avg"].shape == (4, 4)

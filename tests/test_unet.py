@@ -125,6 +125,36 @@ def test_channels_last_changes_neither_outputs_nor_gradients():
                 assert (grads1[k] - grads0[k]).abs().max() <= tol_grad * scale, k
 
 
+def test_channels_last_gradients_have_their_parameters_strides():
+    """DDP's bucket views take each parameter's strides; a gradient with other strides is the "Grad strides do
+    not match bucket view strides" warning and a copy per bucket per step. Under channels_last + gradient
+    checkpointing every gradient must come back in its parameter's exact layout (proj_in/proj_out included)."""
+    config = UNetConfig.tiny()
+    model = randomize_(UNetModel(config)).enable_gradient_checkpointing().to(memory_format=torch.channels_last)
+    x, t, ctx = inputs(config, tokens=7)
+    model(x.to(memory_format=torch.channels_last), t, ctx).sum().backward()
+    mismatched = [(k, tuple(p.shape), p.stride(), p.grad.stride()) for k, p in model.named_parameters()
+                  if p.grad.stride() != p.stride()]
+    assert mismatched == []
+
+
+def test_proj_weights_keep_sd1_conv_shape_in_state_dicts_and_load_from_either_shape():
+    """proj_in/proj_out are 2-d parameters but state dicts hold SD 1.x's (C, C, 1, 1) 1x1-conv weights, so
+    checkpoints written before and after the change (and CompVis ones) load unchanged."""
+    model = randomize_(UNetModel(SMALL))
+    sd = model.state_dict()
+    proj = [k for k in sd if ".proj_in.weight" in k or ".proj_out.weight" in k]
+    assert proj and all(sd[k].ndim == 4 and sd[k].shape[2:] == (1, 1) for k in proj)
+    assert all(dict(model.named_parameters())[k].ndim == 2 for k in proj)
+    for form in ("4-d", "2-d"):
+        other = UNetModel(SMALL)
+        given = {k: (v.flatten(1) if form == "2-d" and k in proj else v) for k, v in sd.items()}
+        assert other.load_state_dict(given) is not None
+        assert all(torch.equal(other.state_dict()[k], sd[k]) for k in sd), form
+    with pytest.raises(RuntimeError, match="proj_in.weight"):  # a wrong width is still refused, naming the key
+        UNetModel(SMALL).load_state_dict({**sd, proj[0]: torch.zeros(3, 3, 1, 1)})
+
+
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
     model = UNetModel(SMALL)

@@ -11,6 +11,9 @@ import numpy as np
 
 from sd_core.config import Profile
 
+# a smaller UNet than the tiny profile's, so each test step costs a few tens of ms
+SMALL_UNET = {"unet": {"ch": 16, "ch_mults": [1, 2], "res_blks": 1, "attn_lvls": [2], "heads": 2, "norm_groups": 8}}
+
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]
 BACKGROUNDS = ["white", "black"]

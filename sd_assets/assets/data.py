@@ -9,18 +9,21 @@ from pathlib import Path
 
 import dagster as dg
 
-from sd_assets.partitions import shard_input, shards, unregistered_shards
+from sd_assets.partitions import refuse_writes_outside, registrable_shards, shard_input, shard_partition_key, shards
 from sd_assets.resources import SDConfig
 from sd_core.data.filter import check_parts, existing_parts, filter_metadata, parts_version
 from sd_core.data.image_server import ImageServer
 from sd_core.data.metadata import fetch_source, files_version
-from sd_core.data.shards import download_shard
+from sd_core.data.shards import download_shard, shard_paths
 from sd_core.data.synthetic import generate_synthetic, served_by_synthetic_server
 
 
 def _register_shards(context: dg.AssetExecutionContext, keys: list[str]) -> list[str]:
-    """Add the shard keys that are not yet partitions of ``shards``; return the ones added."""
-    new = unregistered_shards(context.instance, keys)
+    """Add the shard keys that are not yet partitions of ``shards``; return the ones added. A part whose name
+    is not a shard key is logged and never registered (its runs would build paths from it)."""
+    new, refused = registrable_shards(context.instance, keys)
+    for why in refused.values():
+        context.log.warning(f"not registering a shard part: {why}")
     if new:
         context.instance.add_dynamic_partitions(shards.name, new)
     return new
@@ -57,13 +60,14 @@ def laion_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materi
 @dg.asset(
     group_name="metadata",
     deps=[laion_metadata],
-    code_version="1",
+    code_version="2",  # 2: the url_policy funnel stage
     kinds={"duckdb", "parquet"},
     check_specs=[dg.AssetCheckSpec(
         "thresholds_hold", asset="filtered_metadata",
         description="Every row of every shard part satisfies every configured filter; no URL appears twice.")],
     description="laion_metadata filtered by the configured quality thresholds (one streaming DuckDB query), "
-                "de-duplicated by URL and cut into fixed-size shard parts {data_root}/filtered/{shard}.parquet; "
+                "rid of URLs that are not http(s) to a public host (the url_policy stage), de-duplicated by URL "
+                "and cut into fixed-size shard parts {data_root}/filtered/{shard}.parquet; "
                 "new shard keys are registered as `shards` partitions. Existing parts never change.",
 )
 def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
@@ -99,23 +103,29 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
     group_name="images",
     partitions_def=shards,
     deps=[filtered_metadata],
-    code_version="1",
+    code_version="2",  # 2: downloads under the URL policy guard
     kinds={"webdataset"},
     automation_condition=dg.AutomationCondition.on_missing(),
     description="One shard's images, downloaded by img2dataset (a subprocess in its own session, under a "
                 "watchdog) into {data_root}/shards/{shard}.tar (+ .parquet, _stats.json). Failed URLs are "
-                "counted by reason, never fatal; a shard with no image at all fails.",
+                "counted by reason, never fatal; a shard with no image at all fails. Only http(s) to public "
+                "addresses is fetched (filter.allow_hosts: the exceptions), redirects included; refusals are "
+                "counted as refused_by_url_policy.",
 )
 def image_shards(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
     p = sd.get()
-    key = context.partition_key
+    key = shard_partition_key(context)
+    refuse_writes_outside(key, p.data_root, lambda: [p.shards_dir, *shard_paths(p.shards_dir, key).values()])
     part = shard_input(key, p.filtered_dir / f"{key}.parquet", filtered_metadata)
     server = ImageServer() if served_by_synthetic_server(part) else nullcontext()
     with server as srv:
         if srv is not None:
             context.log.info(f"serving the synthetic images on {srv.base_url}")
+        # The URL policy's exceptions: the configured ones, plus exactly this server for the synthetic source.
+        allow = (*p.filter.allow_hosts, *([srv.authority] if srv is not None else []))
         report = download_shard(part, p.shards_dir, key, p.download,
-                                rewrite=srv.rewrite if srv is not None else None, log=context.log.debug)
+                                rewrite=srv.rewrite if srv is not None else None, log=context.log.debug,
+                                allow_hosts=allow)
     context.log.info(f"shard {key}: {report.successes}/{report.rows} images, failures {report.failures}")
     return dg.MaterializeResult(metadata={
         **report.as_metadata(),

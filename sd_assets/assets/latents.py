@@ -19,17 +19,20 @@ Versions:
 """
 
 
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from sd_assets.assets.data import image_shards
-from sd_assets.partitions import shard_input, shards
+from sd_assets.partitions import refuse_writes_outside, shard_input, shard_partition_key, shards
 from sd_assets.resources import SDConfig
 from sd_core.config import Profile, get_profile
 from sd_core.encoding.components import build_tiny_components, component_sources, components_digest, describe_pretrained
-from sd_core.encoding.encode import EncodeReport, encode_shard, latent_stats, latents_code_version, tar_version
+from sd_core.encoding.encode import (EncodeReport, ShardCountError, encode_shard, latent_stats, latents_code_version,
+                                     tar_version)
+from sd_core.encoding.latent_cache import MANIFEST, shard_paths
 from sd_core.encoding.vae_fit import ColourReport
 
 STD_RANGE = (0.5, 1.5)  # what the latents' std check accepts (scaled latents should have std ≈ 1)
@@ -132,7 +135,9 @@ def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
     )
     def latents(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
         p = sd.get()
-        key = context.partition_key
+        key = shard_partition_key(context)
+        refuse_writes_outside(key, p.data_root,
+                              lambda: [p.latents_dir / MANIFEST, *astuple(shard_paths(p.latents_dir, key))])
         tar = shard_input(key, p.shards_dir / f"{key}.tar", image_shards)
         version = latents_code_version(p)
         if version != loaded_version:
@@ -158,10 +163,14 @@ def _encode(context: dg.AssetExecutionContext, p: Profile, key: str, tar: Path, 
     def progress(d: dict[str, Any]) -> None:
         context.log.info(f"shard {key}: {d['encoded']} encoded, {d['skipped']} skipped, {d['images_per_s']} img/s")
 
-    return encode_shard(
-        tar, p.latents_dir, key, p, code_version=version, progress=progress,
-        extra={"components_digest": components_digest(p), "source_version": tar_version(tar)},
-    )
+    try:
+        return encode_shard(
+            tar, p.latents_dir, key, p, code_version=version, progress=progress,
+            extra={"components_digest": components_digest(p), "source_version": tar_version(tar)},
+        )
+    except ShardCountError as e:  # a truncated/damaged tar: refuse, and keep the shard's previous cache
+        raise dg.Failure(str(e), metadata={"tar": dg.MetadataValue.path(e.tar), "samples_read": e.read,
+                                           "samples_recorded": e.expected, "record": e.record}) from e
 
 
 def _log_encoded(context: dg.AssetExecutionContext, key: str, report: EncodeReport, stats: dict[str, float]) -> None:

@@ -29,7 +29,7 @@ from sd_core.sampling.grid import SampleGrid, find_checkpoint, grid_is_valid, ma
 from sd_core.training.checkpoint import CheckpointConfig
 
 
-def _upstream_checkpoint(context: dg.AssetExecutionContext) -> Path | None:
+def upstream_checkpoint(context: dg.AssetExecutionContext) -> Path | None:
     """The checkpoint of the latest ``unet_checkpoint`` materialisation, if it still exists."""
     try:
         event = context.instance.get_latest_materialization_event(unet_checkpoint.key)
@@ -43,13 +43,13 @@ def _upstream_checkpoint(context: dg.AssetExecutionContext) -> Path | None:
     return Path(raw) if isinstance(raw, str) and Path(raw).exists() else None
 
 
-def _png_b64(img) -> str:
+def png_b64(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _lineage_metadata(config: CheckpointConfig | None) -> dict[str, Any]:
+def lineage_metadata(config: CheckpointConfig | None) -> dict[str, Any]:
     """The checkpoint's recorded lineage as ``lineage/{key}`` metadata entries."""
     if config is None:
         return {}
@@ -61,7 +61,7 @@ def _grid_metadata(out: SampleGrid, profile: Profile) -> dict[str, Any]:
     """The grid itself (a base64 PNG in markdown), the settings it was sampled with and its lineage."""
     cfg = profile.sample
     return {
-        "grid": dg.MetadataValue.md(f"![sample grid](data:image/png;base64,{_png_b64(out.grid)})"),
+        "grid": dg.MetadataValue.md(f"![sample grid](data:image/png;base64,{png_b64(out.grid)})"),
         "grid_path": dg.MetadataValue.path(str(out.grid_path)),
         "checkpoint_path": dg.MetadataValue.path(str(out.checkpoint)),
         "checkpoint_step": out.step if out.step is not None else -1,
@@ -74,7 +74,7 @@ def _grid_metadata(out: SampleGrid, profile: Profile) -> dict[str, Any]:
         "eta": cfg.eta,
         "resolution": f"{cfg.width}x{cfg.height}",
         "sampling_seconds": round(out.seconds, 2),
-        **_lineage_metadata(out.checkpoint_config),
+        **lineage_metadata(out.checkpoint_config),
     }
 
 
@@ -113,7 +113,7 @@ def sample_grid(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materiali
     """DDIM (profile.sample.steps) + CFG (profile.sample.guidance) images of the fixed prompts × seeds from
     the latest checkpoint's EMA weights, as one PNG grid with the prompts as row labels."""
     profile = sd.get()
-    ckpt = _upstream_checkpoint(context) or find_checkpoint(profile.checkpoints_dir)
+    ckpt = upstream_checkpoint(context) or find_checkpoint(profile.checkpoints_dir)
     if ckpt is None:
         raise dg.Failure(
             description=f"no checkpoint found: no unet_checkpoint materialization with a checkpoint_path and no run "

@@ -6,5 +6,9 @@
 - `metadata`: sources (synthetic, parquet path/glob/URL, Hugging Face dataset) brought into ``metadata/``, and
   the normalising view over LAION's schema variants.
 - `filter`: `filter_metadata`, one streaming DuckDB query → fixed-size shard parts ``filtered/{shard}.parquet``.
+- `url_policy`: which URLs may be fetched (http/https to public addresses, or hosts the config allows), checked
+  in the filter's own funnel stage and again, after DNS and on every redirect, inside the downloader.
 - `shards`: `download_shard`, img2dataset as a supervised subprocess → ``shards/{shard}.tar``.
+- `download_guard` / `guarded_downloader`: the img2dataset entry point that installs the URL policy in every
+  worker and kills its process group when its parent dies.
 """

@@ -15,6 +15,10 @@
    after the highest existing key (``00000``, ``00001``, …); existing parts are never rewritten.
 
 The funnel (`FilterReport.removed_by`) counts the rows each stage removed, in the order applied: `STAGES`.
+Right after "url present" comes ``url_policy`` (`sd_core.data.url_policy`): rows whose URL is not ``http(s)``
+or names a loopback, link-local, private or unspecified address or ``localhost`` (`FilterConfig.allow_hosts`:
+the exceptions) never reach a shard part. A regex passes the plain ``http(s)://name/...`` rows in SQL; only
+the others go to the Python check (a DuckDB UDF), so its cost follows the odd rows, not the input.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import pyarrow.parquet as pq
 
 from sd_core.atomic import write_parquet_atomic, write_text_atomic
 from sd_core.config import FilterConfig
+from sd_core.data import url_policy
 from sd_core.data.metadata import (
     CANONICAL,
     NAN_MACRO,
@@ -52,6 +57,7 @@ from sd_core.data.metadata import (
 # Funnel stages in the order applied. Those whose config field is None are skipped.
 STAGES: tuple[str, ...] = (
     "url",  # url present (not NULL, not empty)
+    "url_policy",  # http(s) to a public host (sd_core.data.url_policy), unless in allow_hosts
     "min_aesthetic",
     "min_similarity",
     "min_side",
@@ -110,6 +116,8 @@ def _pred(stage: str, cfg: FilterConfig) -> str | None:
     """The SQL condition a row must satisfy to pass ``stage`` (None: stage disabled). NULL → fails."""
     if stage == "url":
         return "url IS NOT NULL AND url <> ''"
+    if stage == "url_policy":
+        return url_policy.sql_condition("url")
     if stage == "min_aesthetic" and cfg.min_aesthetic is not None:
         return f"aesthetic >= {float(cfg.min_aesthetic)!r}"
     if stage == "min_similarity" and cfg.min_similarity is not None:
@@ -179,7 +187,9 @@ def _locked(out_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def connect(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+def connect(threads: int | None = None, memory_limit: str | None = None,
+            allow_hosts: Sequence[str] = ()) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection set up for the filter, with the URL policy's UDF (``allow_hosts`` exempt)."""
     con = duckdb.connect()
     con.execute("SET preserve_insertion_order = false")  # order comes from (_file, _row), explicitly
     # DuckDB caches the bytes of every parquet file it reads in its buffer pool (evictable, but it grows with
@@ -190,6 +200,7 @@ def connect(threads: int | None = None, memory_limit: str | None = None) -> duck
     if memory_limit:
         con.execute(f"SET memory_limit = {sql_literal(memory_limit)}")
     con.execute(NAN_MACRO)
+    url_policy.register_udf(con, url_policy.UrlPolicy.from_entries(allow_hosts))
     return con
 
 
@@ -213,7 +224,7 @@ def filter_metadata(
     out = Path(out_dir)
     with _locked(out):
         existing = existing_parts(out)
-        con = connect(threads, memory_limit)
+        con = connect(threads, memory_limit, config.allow_hosts)
         try:
             report = _run(con, files, out, config, shard_size, existing)
         finally:
@@ -350,7 +361,7 @@ def check_parts(parts: Sequence[str | os.PathLike[str]], cfg: FilterConfig) -> d
     """
     if not parts:
         return {}
-    con = connect()
+    con = connect(allow_hosts=cfg.allow_hosts)
     try:
         plist = ", ".join(sql_literal(str(p)) for p in parts)
         exprs = []

@@ -7,6 +7,7 @@ path alone (`sd_core.data.synthetic.render_url_path`), so nothing has to be writ
 - ``/shapes/{shape}/{color}/{background}/{W}x{H}/{seed}.png`` → 200, a PNG of W×H px;
 - ``/missing/...`` → 404 (the planted broken URLs);
 - ``/corrupt/...`` → 200 with ``Content-Type: image/png`` and bytes no decoder accepts (planted corrupt images);
+- ``/redirect?to=URL`` → 302 to ``URL`` (tests: a redirect must not lead the downloader past the URL policy);
 - anything else → 404.
 
 The metadata carries `SYNTHETIC_BASE_URL` as its host; `ImageServer.rewrite` maps such a URL to this
@@ -20,7 +21,7 @@ import io
 import threading
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from sd_core.data.synthetic import SYNTHETIC_BASE_URL, render_url_path
 
@@ -42,9 +43,15 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "sd-pipeline-shapes/1"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
-        path = urlsplit(self.path).path
+        parts = urlsplit(self.path)
+        path = parts.path
         self.server.requests += 1  # type: ignore[attr-defined]
-        if path.startswith("/shapes/"):
+        if path == "/redirect" and parse_qs(parts.query).get("to"):
+            self.send_response(302)
+            self.send_header("Location", parse_qs(parts.query)["to"][0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path.startswith("/shapes/"):
             try:
                 body = _png_bytes(path)
             except ValueError:
@@ -116,6 +123,11 @@ class ImageServer:
     @property
     def base_url(self) -> str:
         return f"http://{self._host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        """``host:port``: the URL policy's allow-list entry for exactly this server."""
+        return f"{self._host}:{self.port}"
 
     @property
     def requests(self) -> int:

@@ -9,7 +9,17 @@ SIGINT into exit 0 (notes/data-pipeline.md). We own its lifetime:
   shard for ever), and when ``max_runtime_s`` is exceeded;
 - on any exception in the parent (a Dagster cancel arrives as one) the process group is killed before the
   exception propagates, so no downloader outlives its step;
+- if the parent dies without running any of that (SIGKILL, OOM), the child notices within a fraction of a
+  second and kills its own group (`sd_core.data.download_guard`); its ``.tmp-*`` folder is removed by the
+  next run of the same shard on this host (only folders whose pid is no longer running);
 - ``NO_ALBUMENTATIONS_UPDATE=1`` is set in its environment (else each process asks a registry at import).
+
+The child is `sd_core.data.download_guard`, which runs img2dataset with the URL policy
+(`sd_core.data.url_policy`) enforced in every downloading process, at each request, redirect and socket
+connect: only http(s) to public addresses plus the ``allow_hosts`` given (the loopback image server, for
+the synthetic source). Refused rows fail like any broken URL, with an ``error_message`` starting ``url
+policy``, and are counted in `ShardReport.refused_by_url_policy`. A shard is committed only if the log shows
+that the guard was active in img2dataset's workers.
 
 img2dataset numbers its outputs ``00000.tar`` … by position in its input, so it runs into a temporary folder
 next to the destination and the results are moved to the shard key's names with `os.replace` (atomic; a
@@ -28,11 +38,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,9 @@ import pyarrow.parquet as pq
 
 from sd_core.atomic import fsync_dir
 from sd_core.config import DownloadConfig
+from sd_core.data import download_guard
+from sd_core.data.url_policy import REFUSAL_PREFIX, UrlPolicy
+from sd_core.paths import shard_file
 
 # Metadata columns carried into each sample's json (only those present in the part are passed: img2dataset
 # crashes on a save_additional_columns entry that is not in its input).
@@ -76,6 +90,7 @@ class ShardReport:
     stats: str
     seconds: float
     output_bytes: dict[str, int] = field(default_factory=dict)
+    refused_by_url_policy: int = 0  # rows (of failed_to_download) the URL policy refused to fetch
 
     @property
     def success_rate(self) -> float:
@@ -89,27 +104,32 @@ class ShardReport:
         """The download's counts and speed as plain JSON values (what an orchestrator shows for the step)."""
         return {"rows": self.rows, "successes": self.successes, "success_rate": round(self.success_rate, 4),
                 "failed_to_download": self.failed_to_download, "failed_to_resize": self.failed_to_resize,
-                "failures_by_reason": dict(self.failures), "bytes": self.bytes,
+                "refused_by_url_policy": self.refused_by_url_policy, "failures_by_reason": dict(self.failures),
+                "bytes": self.bytes,
                 "images_per_s": round(self.successes / max(self.seconds, 1e-9), 1), "seconds": self.seconds}
 
 
 def shard_paths(shards_dir: Path, shard: str) -> dict[str, Path]:
+    """The shard's files; a ValueError if ``shard`` is not one plain file name or a file would land outside
+    ``shards_dir`` (`sd_core.paths.shard_file`: a hostile partition key must not write elsewhere)."""
     return {
-        "tar": shards_dir / f"{shard}.tar",
-        "parquet": shards_dir / f"{shard}.parquet",
-        "stats": shards_dir / f"{shard}_stats.json",
+        "tar": shard_file(shards_dir, shard, ".tar"),
+        "parquet": shard_file(shards_dir, shard, ".parquet"),
+        "stats": shard_file(shards_dir, shard, "_stats.json"),
     }
 
 
 _URLISH = re.compile(r"https?://\S+")
+_POLICY_ADDRESS = re.compile(r"(?<=address )\S+(?= is )")  # url policy refusals name the address refused
 
 
 def failure_reason(message: str | None) -> str:
-    """Group img2dataset error messages: URLs dropped, long messages cut (e.g. "HTTP Error 404: Not Found")."""
+    """Group img2dataset error messages: URLs and refused addresses dropped, long messages cut (e.g. "HTTP
+    Error 404: Not Found", "<urlopen error url policy: address <addr> is loopback>")."""
     if not message:
         return "unknown"
     lines = message.strip().splitlines()
-    return _URLISH.sub("<url>", lines[0] if lines else "unknown")[:120]
+    return _POLICY_ADDRESS.sub("<addr>", _URLISH.sub("<url>", lines[0] if lines else "unknown"))[:120]
 
 
 def prepare_url_file(part: Path, dest: Path,
@@ -199,15 +219,18 @@ def _kill_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0, settle_s: f
 
 
 def run_img2dataset(args: dict[str, Any], workdir: Path, cfg: DownloadConfig,
-                    log: Callable[[str], None] | None = None) -> None:
-    """Run img2dataset with ``args`` in a child process (own session), under the watchdog."""
+                    log: Callable[[str], None] | None = None, allow_hosts: Sequence[str] = ()) -> None:
+    """Run img2dataset with ``args`` in a child process (own session) that enforces the URL policy with
+    ``allow_hosts`` and dies with this process (`sd_core.data.download_guard`), under the watchdog."""
     args_file = workdir / "args.json"
     args_file.write_text(json.dumps(args))
     log_path = workdir / _LOG_FILE
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+           download_guard.POLICY_ENV: json.dumps(list(allow_hosts)),
+           download_guard.PARENT_ENV: str(os.getpid())}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sd_core.data.shards", str(args_file)],
+            [sys.executable, "-m", "sd_core.data.download_guard", str(args_file)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=env, cwd=workdir,
         )
@@ -266,26 +289,32 @@ def download_shard(
     cfg: DownloadConfig,
     rewrite: Callable[[str | None], str | None] | None = None,
     log: Callable[[str], None] | None = None,
+    allow_hosts: Sequence[str] = (),
 ) -> ShardReport:
     """Download the images of filtered part ``part`` into ``shards_dir/{shard}.tar`` (+ parquet, stats).
 
     ``rewrite`` maps each URL before img2dataset sees it (the synthetic source's placeholder host → the live
-    loopback server). Partial failures are reported, not raised; zero images → `NoImagesError` (and no
-    output files are replaced).
+    loopback server). ``allow_hosts``: the URL policy's exceptions (`sd_core.data.url_policy.parse_allow_entry`;
+    e.g. that server's ``127.0.0.1:PORT``); everything else off the public internet is refused. Partial
+    failures are reported, not raised; zero images → `NoImagesError` (and no output files are replaced).
     """
     t0 = time.perf_counter()
     part = Path(part)
     out_dir = Path(shards_dir)
+    shard_paths(out_dir, shard)  # refuses a shard name that would write outside out_dir, before anything is made
     out_dir.mkdir(parents=True, exist_ok=True)
     if not part.is_file():
         raise ShardDownloadError(f"shard {shard}: filtered part {part} does not exist")
-    work = out_dir / f".tmp-{shard}-{os.getpid()}"
+    _check_allow_list(allow_hosts, shard)
+    remove_stale_work_dirs(out_dir, shard, log)
+    work = out_dir / _work_dir_name(shard, os.getpid())
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
         rows, args = _prepare_work(part, work, shard, cfg, rewrite)
-        run_img2dataset(args, work, cfg, log)
+        run_img2dataset(args, work, cfg, log, allow_hosts)
         produced = _produced_files(work, shard)
+        _check_guarded(work, shard)
         stats = json.loads(produced["stats"].read_text())
         successes, failures = _outcomes(produced["parquet"])
         if successes == 0:
@@ -308,9 +337,65 @@ def download_shard(
             stats=str(final["stats"]),
             seconds=round(time.perf_counter() - t0, 2),
             output_bytes=sizes,
+            refused_by_url_policy=sum(n for reason, n in failures.items() if REFUSAL_PREFIX in reason),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_allow_list(allow_hosts: Sequence[str], shard: str) -> None:
+    """A malformed allow-list entry is a clear error before anything starts (not a crash in the child)."""
+    try:
+        UrlPolicy.from_entries(allow_hosts)
+    except ValueError as e:
+        raise ShardDownloadError(f"shard {shard}: {e} (filter.allow_hosts)") from None
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _work_dir_name(shard: str, pid: int) -> str:
+    """``.tmp-{shard}-{host}-{pid}``: the host, so that a shards folder shared between machines is only ever
+    cleaned of this machine's dead runs."""
+    return f".tmp-{shard}-{_HOST}-{pid}"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
+
+
+def remove_stale_work_dirs(shards_dir: Path, shard: str, log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the work folders of earlier runs of ``shard`` on this host whose process is gone (a killed
+    run leaves its ``.tmp-*`` behind; a live run's, this process's included, is never touched). Returns
+    the folders removed."""
+    removed = []
+    prefix = f".tmp-{shard}-"
+    for d in sorted(shards_dir.glob(f"{prefix}*")):
+        host, _, pid = d.name[len(prefix):].rpartition("-")
+        if not d.is_dir() or not pid.isdigit() or host not in ("", _HOST):  # "": the older .tmp-{shard}-{pid}
+            continue
+        if int(pid) == os.getpid() or _pid_running(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+        if log:
+            log(f"removed {d.name}: left behind by run pid {pid}, which is no longer running")
+    return removed
+
+
+def _check_guarded(work: Path, shard: str) -> None:
+    """Refuse to commit a shard unless img2dataset's workers reported the URL guard active (fail closed:
+    should img2dataset ever stop pickling its Downloader into the workers, nothing unguarded is kept)."""
+    if download_guard.WORKER_MARK not in _tail(work / _LOG_FILE, 10**7):
+        raise ShardDownloadError(
+            f"shard {shard}: img2dataset's workers did not report the URL policy guard active; the shard was "
+            f"not written. Log tail:\n{_tail(work / _LOG_FILE)}")
 
 
 def _prepare_work(part: Path, work: Path, shard: str, cfg: DownloadConfig,
@@ -372,17 +457,3 @@ def _commit_shard(produced: dict[str, Path], final: dict[str, Path]) -> dict[str
         os.replace(produced[kind], final[kind])
     fsync_dir(final["stats"].parent)
     return sizes
-
-
-def _main(argv: list[str]) -> int:
-    """Child-process entry point: ``python -m sd_core.data.shards ARGS.json``."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    args = json.loads(Path(argv[1]).read_text())
-    from img2dataset import download
-
-    download(**args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv))

@@ -22,6 +22,12 @@ The ``tiny`` profile (``components.build_tiny``) first builds its components int
 The build goes to a temporary directory next to the target and is renamed into place, so a killed build
 never leaves a half-written ``components/``. ``build.json`` records the build settings, the fit's
 PSNR and colour fidelity, and a digest of the weights.
+
+Without the hub, for the sd15 path (``sd components ...``, `sd_core.encoding.components_cli`):
+`build_clip_tokenizer` writes the real CLIP BPE tokenizer (SD 1.x's ids) from the merges file in the
+``open_clip_torch`` wheel (`sd_core.encoding.clip_bpe`); `build_sd15_random_components` writes sd-vae-ft-mse-
+and CLIP ViT-L/14-shaped models with random weights (`sd_core.encoding.sd15_configs`) next to it, what
+configs/sd15-smoke.yaml loads through the same ``from_pretrained(dir)`` path as the hub ids.
 """
 
 from __future__ import annotations
@@ -427,3 +433,74 @@ def describe_pretrained(p: Profile) -> tuple[dict[str, Any], str]:
     version = hashlib.sha256(json.dumps([src.vae, src.text_encoder, src.tokenizer, vae_cfg, te_cfg],
                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
     return meta, version
+
+
+# ------------------------------------------------------------------- the real CLIP tokenizer, offline
+SD15_RANDOM_FILE = "sd15-random.json"
+
+
+def _refuse_foreign_dir(out_dir: Path, marker: str, what: str) -> None:
+    """Building replaces ``out_dir`` as a whole: refuse a non-empty folder that is not an earlier build (no
+    ``marker`` file), so ``--out .`` or a typo never deletes someone's files."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / marker).exists())):
+        raise ValueError(f"{out_dir} exists and is not {what} (no {marker}): refusing to replace it; "
+                         "choose a new or empty folder")
+
+
+def build_clip_tokenizer(out_dir: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
+                         max_length: int = 77):
+    """The real CLIP BPE tokenizer (the ids of ``openai/clip-vit-large-patch14``), built offline from the
+    merges file in the ``open_clip_torch`` wheel (`sd_core.encoding.clip_bpe`; the wheel is cached in
+    ``cache_dir``), saved with ``save_pretrained`` into ``out_dir`` (atomically) and returned as
+    ``AutoTokenizer.from_pretrained(out_dir)`` loads it: lower-cased, BOS … EOS, padded with EOS (49407),
+    ``model_max_length`` = ``max_length``. Raises `clip_bpe.ClipBpeError` when the wheel cannot be fetched or
+    read, ``ValueError`` for an ``out_dir`` that holds something else."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    from sd_core.encoding import clip_bpe
+
+    out = Path(out_dir)
+    _refuse_foreign_dir(out, "tokenizer_config.json", "a tokenizer folder")
+    vocab, merges = clip_bpe.clip_vocab_and_merges(clip_bpe.read_bpe_merges(clip_bpe.fetch_open_clip_wheel(cache_dir)))
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    with atomic_dir(out) as tmp:
+        tok.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def build_sd15_random_components(out_dir: str | os.PathLike[str], *, seed: int = 0,
+                                 cache_dir: str | os.PathLike[str] | None = None,
+                                 log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """SD 1.x-shaped frozen components with random weights, for running the sd15 path without the hub:
+    ``out_dir/vae`` (``AutoencoderKL`` with sd-vae-ft-mse's config), ``out_dir/text_encoder``
+    (``CLIPTextModel`` with CLIP ViT-L/14's text config; configs in `sd_core.encoding.sd15_configs`), both
+    seeded and saved in fp32 like the hub's, and ``out_dir/tokenizer`` (the real BPE tokenizer,
+    `build_clip_tokenizer`, 77 tokens). Point ``components.{vae,text_encoder,tokenizer}`` at them
+    (configs/sd15-smoke.yaml). An earlier build with the same seed is reused; returns the ``sd15-random.json``
+    record (seed, parameter counts)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_core.encoding.sd15_configs import CLIP_VIT_L14_TEXT, SD_VAE_FT_MSE
+
+    out, log = Path(out_dir), log or (lambda s: None)
+    _refuse_foreign_dir(out, SD15_RANDOM_FILE, "an sd15-random components folder")
+    record = {"format": 1, "seed": seed, "vae_config": SD_VAE_FT_MSE, "text_encoder_config": CLIP_VIT_L14_TEXT}
+    if (out / SD15_RANDOM_FILE).exists():
+        old = json.loads((out / SD15_RANDOM_FILE).read_text())
+        if {k: old.get(k) for k in record} == record:
+            return old
+    with atomic_dir(out) as tmp:
+        max_length = CLIP_VIT_L14_TEXT["max_position_embeddings"]
+        build_clip_tokenizer(tmp / "tokenizer", cache_dir=cache_dir, max_length=max_length)
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**SD_VAE_FT_MSE)
+        te = CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L14_TEXT))
+        record["params"] = {"vae": sum(p.numel() for p in vae.parameters()),
+                            "text_encoder": sum(p.numel() for p in te.parameters())}
+        log(f"saving a random AutoencoderKL ({record['params']['vae']:,} params) and CLIPTextModel "
+            f"({record['params']['text_encoder']:,} params) under {out}")
+        vae.save_pretrained(tmp / "vae")
+        te.save_pretrained(tmp / "text_encoder")
+        (tmp / SD15_RANDOM_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+    return record

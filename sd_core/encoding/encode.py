@@ -7,10 +7,15 @@ Pipeline of `encode_shard`:
    every n-th sample (the tar is read by all, which is cheap next to JPEG decoding), converts to RGB,
    resizes the shorter side and centre-crops to ``resolution``. A sample whose image is missing or does not
    decode is *skipped and counted*, never fatal.
-2. *Encode* in batches through the frozen VAE (bf16 autocast on CUDA), taking the posterior **mean**
-   × scaling factor: deterministic, so re-encoding the same shard with the same VAE gives the same cache
-   (SD samples the posterior; for a VAE trained with KL weight 1e-6 its std is negligible).
+2. *Encode* in batches through the frozen VAE (``encode.precision``: bf16 autocast on CUDA by default), taking
+   the posterior **mean** × scaling factor: deterministic, so re-encoding the same shard with the same VAE gives
+   the same cache (SD samples the posterior; for a VAE trained with KL weight 1e-6 its std is negligible).
 3. *Tokenize* the captions (``max_length``, padded) and `sd_core.encoding.latent_cache.write_shard` the result (atomic).
+
+Before anything is written, the samples read (encoded + skipped) are compared with the count img2dataset
+recorded for the tar (``{shard}_stats.json`` next to it, else its ``{shard}.parquet``): a tar cut short or
+damaged on disk ends early without a decode error, so only the count shows it. Fewer samples than recorded
+is a `ShardCountError` and the shard's previous cache stays exactly as it was.
 
 Several GPUs: one encoder process per GPU (``spawn``), each with ``CUDA_VISIBLE_DEVICES`` set to its GPU
 before CUDA initialises, each taking every G-th sample (with its own decode workers); the parent merges the
@@ -22,6 +27,7 @@ Progress goes to a callback (the Dagster asset logs it) or a tqdm bar.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import tempfile
@@ -34,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from sd_core.accel import autocast
 from sd_core.config import EncodeConfig, Profile
 from sd_core.encoding.components import component_sources, components_version, load_components, load_tokenizer, tokenize
 from sd_core.encoding.latent_cache import shard_paths, write_shard
@@ -65,6 +72,39 @@ class EncodeReport:
                 "seconds": self.seconds, "latent_shape": list(self.latent_shape), "device": self.device,
                 "processes": self.processes, "scaling_factor": float(self.manifest_entry["scaling_factor"]),
                 "content_hash": self.manifest_entry["hash"], "skipped_examples": list(self.skipped_examples)}
+
+
+class ShardCountError(RuntimeError):
+    """A shard tar yields fewer samples than img2dataset recorded writing into it (truncated or damaged)."""
+
+    def __init__(self, shard: str, tar: str, read: int, expected: int, record: str):
+        self.shard, self.tar, self.read, self.expected, self.record = shard, tar, read, expected, record
+        super().__init__(
+            f"shard {shard}: {tar} holds {read} readable sample(s) but img2dataset wrote {expected} into it "
+            f"(per {record}): the tar is truncated or damaged. Nothing was written; the shard's previous latent "
+            f"cache is unchanged. Re-download the shard (materialise image_shards for {shard}).")
+
+
+def recorded_samples(tar_path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """(samples img2dataset wrote into the tar, the file saying so), from its ``{stem}_stats.json``
+    (``successes``) or else its ``{stem}.parquet`` (rows with status ``success``); None for a tar without
+    either (not img2dataset's: nothing to compare with)."""
+    tar = Path(tar_path)
+    stats = tar.with_name(f"{tar.stem}_stats.json")
+    try:
+        successes = json.loads(stats.read_text()).get("successes")
+        if isinstance(successes, int) and not isinstance(successes, bool):
+            return successes, str(stats)
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: the parquet says the same per row
+        pass
+    results = tar.with_name(f"{tar.stem}.parquet")
+    try:
+        import pyarrow.parquet as pq
+
+        status = pq.read_table(results, columns=["status"]).column("status").to_pylist()
+    except Exception:  # absent, or not img2dataset's results file
+        return None
+    return sum(1 for s in status if s == "success"), str(results)
 
 
 # -------------------------------------------------------------------------------------------- decoding
@@ -164,14 +204,13 @@ def _decoded_batches(samples: Iterable[tuple[int, str, str, Any, str]], batch_si
         yield pending
 
 
-def _encode_batch(vae: Any, scaling_factor: float, images: list[np.ndarray], autocast_bf16: bool) -> np.ndarray:
-    """uint8 images (B, 3, R, R) → the VAE's posterior means × scaling factor, float32 (bf16 autocast on CUDA
-    when ``autocast_bf16``)."""
+def _encode_batch(vae: Any, scaling_factor: float, images: list[np.ndarray], precision: str | None) -> np.ndarray:
+    """uint8 images (B, 3, R, R) → the VAE's posterior means × scaling factor, float32 (bf16 autocast when
+    ``precision`` resolves to bf16: `sd_core.accel`)."""
     dev = next(vae.parameters()).device
     x = torch.from_numpy(np.stack(images)).to(dev, non_blocking=True)
     x = x.float().div_(127.5).sub_(1.0)
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
-                                                enabled=autocast_bf16 and dev.type == "cuda"):
+    with torch.inference_mode(), autocast(precision, dev):
         z = vae.encode(x).latent_dist.mean
     return (z.float() * scaling_factor).cpu().numpy()
 
@@ -203,7 +242,7 @@ def _encode_part(tar_path: str, profile: Profile, rank: int, world: int, device:
     part = _Part()
     report = _ThrottledProgress(progress, shard, rank)
     for batch in _decoded_batches(loader, enc.batch_size, part.skipped):
-        part.latents.append(_encode_batch(comps.vae, comps.scaling_factor, [b[3] for b in batch], enc.autocast_bf16))
+        part.latents.append(_encode_batch(comps.vae, comps.scaling_factor, [b[3] for b in batch], enc.precision))
         for i, key, caption, _ in batch:
             part.indices.append(i)
             part.keys.append(key)
@@ -394,8 +433,10 @@ def encode_shard(
     ``components``: already-loaded `FrozenComponents` (single-process path only; else loaded from the
     profile). ``num_processes``: encoder processes; default one per visible GPU (``encode.num_gpus`` caps
     it), one on CPU. Setting it > 1 on CPU runs that many CPU encoder processes (used by tests to exercise
-    the multi-process path). ``code_version`` and ``extra`` go into the manifest entry.
+    the multi-process path). ``code_version`` and ``extra`` go into the manifest entry. A tar that yields
+    fewer samples than its img2dataset stats record is a `ShardCountError`, raised before anything is written.
     """
+    shard_paths(cache_dir, shard)  # a shard name that would write outside cache_dir fails now, not after encoding
     tar_path = str(tar_path)
     if not Path(tar_path).exists():
         raise FileNotFoundError(f"shard tar not found: {tar_path}")
@@ -407,6 +448,7 @@ def encode_shard(
     src = component_sources(profile)
     vae_cfg = components.vae.config if components is not None else _vae_config(src.vae)
     latents, keys, caps, skipped = _merge_in_tar_order(parts, _no_latents(vae_cfg, profile.encode.resolution))
+    _check_sample_count(shard, tar_path, len(keys) + len(skipped))
     token_ids = _caption_tokens(profile, components, caps)
     seconds = time.perf_counter() - t0
     mean, std = _mean_std(latents)
@@ -423,6 +465,13 @@ def encode_shard(
         latent_shape=list(latents.shape[1:]), processes=world, device=devname,
         skipped_examples=[s[1] for s in skipped[:10]], manifest_entry=entry,
     )
+
+
+def _check_sample_count(shard: str, tar_path: str, read: int) -> None:
+    """`ShardCountError` when the tar gave fewer samples than img2dataset recorded (before anything is written)."""
+    recorded = recorded_samples(tar_path)
+    if recorded is not None and read < recorded[0]:
+        raise ShardCountError(shard, tar_path, read, recorded[0], recorded[1])
 
 
 def _vae_config(vae_source: str) -> dict[str, Any]:

@@ -7,7 +7,15 @@ Layout of one cache directory (``profile.latents_dir``)::
                          training never parses parquet per sample)
     {shard}.parquet      one row per latent: key (str), caption (str), token_ids (list<int32>)
     manifest.json        {"format": 1, "shards": {shard: {count, hash, vae, resolution, scaling_factor,
-                          latent_shape, max_length, code_version, written_at, ...}}}
+                          latent_shape, max_length, code_version, written_at, files, ...}}}
+
+``files`` describes each file of the shard as written: ``{"latents"|"tokens"|"table": {"size", "sha256",
+"sample_sha256"}}``. `LatentDataset` checks a shard before memory-mapping it (``verify``): by default its size
+and the hash of a fixed sample of its bytes (the header and 16 blocks spread over the file: a few reads
+however big the shard), or the full sha256 (``verify="full"``, or ``$SD_LATENT_VERIFY=full``). A truncated
+or altered shard is refused naming the shard and the file ("latents/00001.npy is 1,234 bytes, the manifest
+says 5,678: re-encode shard 00001") instead of numpy's "mmap length is greater than file size". Shards
+written before ``files`` existed get the size check their ``.npy`` header implies.
 
 Writes are atomic: every file is first written to a temporary name in the same directory and fsynced (the
 slow part; a crash there leaves the previous files of the shard valid). The commit then happens under a
@@ -36,14 +44,20 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from sd_core.atomic import fsync_dir, write_json_atomic, write_temp
+from sd_core.atomic import DiskFullError, fsync_dir, write_json_atomic, write_temp
+from sd_core.paths import shard_file
 
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
 FORMAT = 1
+VERIFY_ENV = "SD_LATENT_VERIFY"  # none | size | sample (default) | full
+VERIFY_LEVELS = ("none", "size", "sample", "full")
+_SAMPLE_BLOCK = 4096
+_SAMPLE_BLOCKS = 16
 
 __all__ = [
     "MANIFEST",
+    "DamagedShardError",
     "LatentDataset",
     "ShardEntry",
     "manifest_hash",
@@ -51,8 +65,18 @@ __all__ = [
     "read_shard_table",
     "remove_shard",
     "shard_paths",
+    "verify_shard",
     "write_shard",
 ]
+
+
+class DamagedShardError(RuntimeError):
+    """A latent shard whose files do not match its manifest entry (truncated, altered, missing): the message
+    names the shard and the file and says to re-encode it."""
+
+    def __init__(self, shard: str, path: Path, problem: str):
+        super().__init__(f"{path.parent.name}/{path.name} {problem}: re-encode shard {shard} ({path})")
+        self.shard, self.path = shard, path
 
 
 # ---------------------------------------------------------------------------------------- file helpers
@@ -64,8 +88,91 @@ class ShardPaths:
 
 
 def shard_paths(cache_dir: str | os.PathLike[str], shard: str) -> ShardPaths:
+    """The shard's files; a ValueError if ``shard`` is not one plain file name or a file would land outside
+    ``cache_dir`` (`sd_core.paths.shard_file`): the manifest's renames are by file name within ``cache_dir``,
+    so a temporary written elsewhere would leave a committed entry with no files behind it."""
     d = Path(cache_dir)
-    return ShardPaths(d / f"{shard}.npy", d / f"{shard}.tokens.npy", d / f"{shard}.parquet")
+    return ShardPaths(shard_file(d, shard, ".npy"), shard_file(d, shard, ".tokens.npy"),
+                      shard_file(d, shard, ".parquet"))
+
+
+# ------------------------------------------------------------------------------------------- integrity
+def _sample_offsets(size: int) -> list[int]:
+    """Where the sampled blocks start: the header, then evenly spread blocks up to the file's last bytes."""
+    last = max(size - _SAMPLE_BLOCK, 0)
+    return sorted({0, *(last * i // (_SAMPLE_BLOCKS - 1) for i in range(_SAMPLE_BLOCKS))})
+
+
+def _sample_sha256(path: Path, size: int) -> str:
+    """sha256 over the size and a fixed sample of the file's blocks: catches truncation, a rewritten header and
+    most in-place damage in a few reads, where the full hash would read the whole (GB-sized) shard."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for off in _sample_offsets(size):
+            f.seek(off)
+            h.update(f.read(_SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def _full_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _describe_file(path: Path) -> dict[str, Any]:
+    """A file's manifest record: size, full sha256, sampled sha256."""
+    size = path.stat().st_size
+    return {"size": size, "sha256": _full_sha256(path), "sample_sha256": _sample_sha256(path, size)}
+
+
+def _check_file(shard: str, path: Path, rec: dict[str, Any], level: str) -> None:
+    """Compare one file of a shard with its manifest record at ``level`` (size, sample or full)."""
+    if not path.is_file():
+        raise DamagedShardError(shard, path, "is missing (the manifest lists it)")
+    size = path.stat().st_size
+    if size != rec["size"]:
+        raise DamagedShardError(shard, path, f"is {size:,} bytes, the manifest says {rec['size']:,}")
+    if level == "sample" and _sample_sha256(path, size) != rec["sample_sha256"]:
+        raise DamagedShardError(shard, path, "differs from what was written (sampled sha256 mismatch)")
+    if level == "full" and _full_sha256(path) != rec["sha256"]:
+        raise DamagedShardError(shard, path, "differs from what was written (sha256 mismatch)")
+
+
+def _check_npy_size(shard: str, path: Path) -> None:
+    """For shards recorded without ``files``: the size the ``.npy`` header implies must be the file's size."""
+    if not path.is_file():
+        raise DamagedShardError(shard, path, "is missing (the manifest lists it)")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)  # 2.0 and 3.0 share the layout
+            shape, _, dtype = read_header(f)
+            header = f.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise DamagedShardError(shard, path, f"has no readable .npy header ({exc})") from None
+    expected = header + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size != expected:
+        raise DamagedShardError(shard, path, f"is {size:,} bytes, its header describes {tuple(shape)} {dtype} = "
+                                             f"{expected:,} bytes")
+
+
+def verify_shard(cache_dir: str | os.PathLike[str], shard: str, entry: ShardEntry, level: str = "sample") -> None:
+    """Check a shard's files against its manifest ``entry`` at ``level`` ("none", "size", "sample", "full");
+    :class:`DamagedShardError` naming the shard and file on a mismatch."""
+    if level not in VERIFY_LEVELS:
+        raise ValueError(f"latent verify level must be one of {VERIFY_LEVELS}, got {level!r}")
+    if level == "none":
+        return
+    paths = shard_paths(cache_dir, shard)
+    files = entry.get("files")
+    if not files:  # written before the manifest described its files
+        _check_npy_size(shard, paths.latents)
+        _check_npy_size(shard, paths.tokens)
+        return
+    for role in ("latents", "tokens"):
+        _check_file(shard, getattr(paths, role), files[role], level)
 
 
 def _write_npy_tmp(path: Path, arr: np.ndarray) -> Path:
@@ -158,12 +265,13 @@ def write_shard(
     ``extra`` is merged into the manifest entry (e.g. skipped count, source tar).
     """
     cache = Path(cache_dir)
+    paths = shard_paths(cache, shard)  # refuses a hostile shard name before anything is made
     cache.mkdir(parents=True, exist_ok=True)
     lat, tok, keys, captions = _checked_shard(shard, latents, keys, captions, token_ids)
     tmps: list[tuple[Path, Path]] = []
     committed = False
     try:
-        _write_temporaries(shard_paths(cache, shard), lat, tok, keys, captions, tmps)
+        _write_temporaries(paths, lat, tok, keys, captions, tmps)
         entry: ShardEntry = {
             "count": int(lat.shape[0]),
             "hash": _content_hash(lat, tok, keys, captions),
@@ -174,6 +282,7 @@ def write_shard(
             "max_length": int(tok.shape[1]) if tok.ndim == 2 else 0,
             "code_version": code_version,
             "written_at": time.time(),
+            "files": _describe_files(paths, tmps),
         }
         if extra:
             entry.update(extra)
@@ -182,11 +291,19 @@ def write_shard(
             committed = True  # journalled: from here on an interrupted commit is rolled forward, not undone
             _roll_forward(cache, data)
             _remove_stale_tmps(cache, shard)
+    except DiskFullError as exc:  # `finally` removes the temporaries; the shard's current files were not touched
+        raise DiskFullError(exc.path, f"the previous files of shard {shard} are intact") from exc
     finally:
         if not committed:
             for tmp, _ in tmps:
                 tmp.unlink(missing_ok=True)
     return entry
+
+
+def _describe_files(paths: ShardPaths, tmps: list[tuple[Path, Path]]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` record of a shard, from its temporaries (the bytes that will be renamed in)."""
+    roles = {paths.latents: "latents", paths.tokens: "tokens", paths.table: "table"}
+    return {roles[final]: _describe_file(tmp) for tmp, final in tmps}
 
 
 def _checked_shard(shard: str, latents: np.ndarray, keys: Sequence[str], captions: Sequence[str],
@@ -307,6 +424,16 @@ def read_shard_table(cache_dir: str | os.PathLike[str], shard: str):
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+def _mmap(shard: str, path: Path) -> np.ndarray:
+    """``np.load(mmap_mode="r")`` of one file of a shard; numpy's own errors ("mmap length is greater than file
+    size") become a :class:`DamagedShardError` naming the shard and the file."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        size = f"{path.stat().st_size:,} bytes" if path.exists() else "missing"
+        raise DamagedShardError(shard, path, f"cannot be memory-mapped ({size}: {exc})") from None
+
+
 class LatentDataset:
     """Map-style dataset over cached shards: ``ds[i] -> (latent float16 (C, h, w), token_ids int64 (L,))``
     as torch tensors.
@@ -314,10 +441,18 @@ class LatentDataset:
     ``shards``: which shards to read (default: every shard in the manifest, sorted by name). The order is
     fixed at construction, so a global index means the same sample in every process (DDP ranks,
     DataLoader workers). Shards are memory-mapped lazily on first access in each process.
+
+    ``verify``: how each shard is checked against its manifest entry before it is first mapped (`verify_shard`):
+    "sample" (default: size + sampled hash), "full" (the whole sha256), "size" or "none"; None reads
+    ``$SD_LATENT_VERIFY``. A shard is checked once per dataset (copies in DataLoader workers inherit that).
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], shards: Sequence[str] | None = None,
-                 *, validate: bool = True):
+                 *, validate: bool = True, verify: str | None = None):
+        self.verify = verify or os.environ.get(VERIFY_ENV) or "sample"
+        if self.verify not in VERIFY_LEVELS:
+            raise ValueError(f"latent verify level ({'verify=' if verify else '$' + VERIFY_ENV}) must be one of "
+                             f"{VERIFY_LEVELS}, got {self.verify!r}")
         self.cache_dir = Path(cache_dir)
         manifest = read_manifest(self.cache_dir)
         if shards is None:
@@ -338,6 +473,8 @@ class LatentDataset:
         # the factor the latents were multiplied by (None when unrecorded or mixed): sampling divides by it
         self.scaling_factor: float | None = scalings.pop() if len(scalings) == 1 else None
         self.manifest_hash = manifest_hash(self.cache_dir, names) if names else ""
+        self._files: list[dict[str, Any] | None] = [manifest[s].get("files") for s in self.shards]
+        self._verified: set[int] = set()  # kept when pickled: a worker does not re-hash what its parent checked
         self._lat: dict[int, np.ndarray] = {}
         self._tok: dict[int, np.ndarray] = {}
         if validate:
@@ -353,9 +490,12 @@ class LatentDataset:
     def _open(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         lat = self._lat.get(j)
         if lat is None:
-            p = shard_paths(self.cache_dir, self.shards[j])
-            lat = np.load(p.latents, mmap_mode="r", allow_pickle=False)
-            tok = np.load(p.tokens, mmap_mode="r", allow_pickle=False)
+            shard = self.shards[j]
+            p = shard_paths(self.cache_dir, shard)
+            if j not in self._verified:
+                verify_shard(self.cache_dir, shard, {"files": self._files[j]}, self.verify)
+                self._verified.add(j)
+            lat, tok = _mmap(shard, p.latents), _mmap(shard, p.tokens)
             n = int(self.counts[j])
             if lat.shape[0] != n or tok.shape[0] != n:
                 raise RuntimeError(

@@ -1,33 +1,15 @@
 """Prompt adherence for the tiny profile: does the generated shape have the colour the prompt names?
 
-For each image:
-
-1. Background colour = the per-channel median of the image's outer ring (1/16 of the side, at least 1 px).
-   Synthetic shapes never touch the border (``render_shape`` keeps them inside), so the ring is background.
-   If fewer than ``min_plain_border`` of the ring's pixels lie within ``fg_threshold`` of that colour, the
-   image has no plain background (noise, texture): no colour.
-2. Foreground = pixels farther than ``fg_threshold`` (RGB Euclidean, 0-255 scale) from that colour. A
-   foreground covering more than ``max_fg_share`` of the image is not a shape on a background: no colour.
-3. Of the foreground pixels, keep the chromatic ones (HSV saturation ≥ ``min_saturation`` and value ≥
-   ``min_value``): every background in the synthetic set (white, black, gray) is achromatic, so the anti-aliased
-   edges and a grey/black/white cast drop out.
-4. Each kept pixel votes for the palette colour with the nearest hue (circular distance); the dominant colour is
-   the winner if it has at least ``min_vote_share`` of the votes (a multi-coloured blob has no dominant colour).
-   Fewer than ``min_pixels`` kept pixels → no colour.
-
-"No colour" (``None``) counts as a miss, so an untrained model's noise scores 0, not chance.
-
-Hue rather than RGB distance because a briefly trained model gets a colour's hue right long before its exact
-shade and brightness (a dark red is still red, a dull green is still green), and because the tiny VAE's
-colour errors are mostly in saturation and brightness (DESIGN.md section 4).
-
-The score is the share of images whose dominant colour equals the colour word in the prompt; chance level is
-1 / number of colours (0.25 for the 4-colour synthetic palette).
+The colour reading itself is `sd_core.evaluation.prompt_scorer` (one implementation for this score and the
+`checkpoint_eval` asset's colour / shape / background accuracies; its module docstring gives the steps and
+thresholds). This module keeps the colour-only score `sample_grid` reports: the share of images whose
+dominant colour equals the colour word in the prompt, chance level 1 / number of colours (0.25 for the
+4-colour synthetic palette). "No colour" (``None``) counts as a miss, so an untrained model's noise scores 0.
 """
 
 from __future__ import annotations
 
-import colorsys
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -35,86 +17,30 @@ import numpy as np
 from PIL import Image
 
 from sd_core.data.synthetic import COLORS
+from sd_core.evaluation.prompt_scorer import DEFAULT_SETTINGS, background_colour, parse_prompt, read_colour
+
+__all__ = ["AdherenceResult", "adherence", "background_colour", "default_palette", "dominant_colour",
+           "prompt_colour"]
 
 
 def default_palette() -> dict[str, tuple[int, int, int]]:
     return dict(COLORS)
 
 
-def _hues(palette: Mapping[str, tuple[int, int, int]]) -> tuple[list[str], np.ndarray]:
-    names = list(palette)
-    hues = np.array([colorsys.rgb_to_hsv(*(np.asarray(palette[n], dtype=float) / 255.0))[0] for n in names])
-    return names, hues
-
-
-def _rgb_to_hsv(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Vectorised RGB (…, 3) in [0, 1] → (h, s, v), h in [0, 1)."""
-    r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
-    mx, mn = arr.max(-1), arr.min(-1)
-    d = mx - mn
-    s = np.where(mx > 0, d / np.maximum(mx, 1e-12), 0.0)
-    dd = np.maximum(d, 1e-12)
-    h = np.where(mx == r, ((g - b) / dd) % 6, np.where(mx == g, (b - r) / dd + 2, (r - g) / dd + 4)) / 6.0
-    h = np.where(d > 0, h, 0.0)
-    return h % 1.0, s, mx
-
-
-def _ring(arr: np.ndarray) -> np.ndarray:
-    """The pixels of the image's outer ring (1/16 of the side, at least 1 px), (N, 3)."""
-    h, w = arr.shape[:2]
-    k = max(1, min(h, w) // 16)
-    return np.concatenate([arr[:k].reshape(-1, 3), arr[-k:].reshape(-1, 3),
-                           arr[:, :k].reshape(-1, 3), arr[:, -k:].reshape(-1, 3)])
-
-
-def background_colour(arr: np.ndarray) -> np.ndarray:
-    """Per-channel median of the image's outer ring (H, W, 3) → (3,)."""
-    return np.median(_ring(np.asarray(arr, dtype=np.float32)), axis=0)
-
-
 def dominant_colour(
     image: Image.Image | np.ndarray,
     palette: Mapping[str, tuple[int, int, int]] | None = None,
-    fg_threshold: float = 60.0,
-    min_saturation: float = 0.35,
-    min_value: float = 0.2,
-    min_pixels: int = 8,
-    min_plain_border: float = 0.6,
-    max_fg_share: float = 0.85,
-    min_vote_share: float = 0.6,
+    **thresholds: float,
 ) -> str | None:
-    """The palette colour (by hue) of the shape that stands out from a plain background, or None (see the
-    module docstring for the steps and thresholds)."""
-    palette = palette or default_palette()
-    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    ring = _ring(arr)
-    bg = np.median(ring, axis=0)
-    if (np.sqrt(((ring - bg) ** 2).sum(-1)) <= fg_threshold).mean() < min_plain_border:
-        return None
-    fg = np.sqrt(((arr - bg) ** 2).sum(-1)) > fg_threshold
-    if fg.sum() < min_pixels or fg.mean() > max_fg_share:
-        return None
-    h, s, v = _rgb_to_hsv(arr[fg] / 255.0)
-    keep = (s >= min_saturation) & (v >= min_value)
-    if keep.sum() < min_pixels:
-        return None
-    names, hues = _hues(palette)
-    dist = np.abs(h[keep][:, None] - hues[None, :])
-    dist = np.minimum(dist, 1.0 - dist)
-    votes = np.bincount(dist.argmin(1), minlength=len(names))
-    best = int(votes.argmax())
-    if votes[best] < min_vote_share * votes.sum():
-        return None
-    return names[best]
+    """The palette colour (by hue) of the shape that stands out from a plain background, or None.
+    ``thresholds``: fields of `sd_core.evaluation.prompt_scorer.ScorerSettings` (e.g. ``fg_threshold=60``)."""
+    settings = dataclasses.replace(DEFAULT_SETTINGS, **thresholds) if thresholds else DEFAULT_SETTINGS
+    return read_colour(image, settings, palette or default_palette())
 
 
 def prompt_colour(prompt: str, palette: Mapping[str, tuple[int, int, int]] | None = None) -> str | None:
     """The first palette colour word in ``prompt`` (e.g. "red" in "a red circle on a white background")."""
-    palette = palette or default_palette()
-    for word in prompt.lower().replace(",", " ").split():
-        if word in palette:
-            return word
-    return None
+    return parse_prompt(prompt, palette or default_palette()).colour
 
 
 @dataclass

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = load_for_sampling(args.checkpoint, profile=args.profile, data_root=args.data_root,
-                                   device="cpu", use_ema=not args.no_ema)
-    except (CheckpointError, CompatibilityError) as exc:
+                                   device="cpu", use_ema=not args.no_ema, overrides=args.overrides)
+    except (CheckpointError, CompatibilityError, ValueError) as exc:  # ValueError: a bad --overrides field
         print(f"sd export-diffusers: {exc}", file=sys.stderr)
         return 2
     out = export_pipeline(bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, args.out,

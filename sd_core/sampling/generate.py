@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sd_core.config import DATA_ROOT_ENV, PROFILE_ENV, Profile, get_profile
+from sd_core.config import (DATA_ROOT_ENV, PROFILE_ENV, ConfigError, Profile, SampleConfig, field_arg, get_profile,
+                            json_object_arg, positive_int_arg)
 from sd_core.encoding.components import encode_text, load_components, tokenize
 from sd_core.model.schedulers import DDIMScheduler
 from sd_core.model.unet import UNetModel
@@ -373,7 +374,8 @@ def _checkpoint_record(path: Path) -> tuple[Path, CheckpointConfig | None]:
     return ckpt_dir, ckpt_mod.read_config(ckpt_dir)
 
 
-def _sampling_profile(profile: Any, data_root: str | Path | None, record: CheckpointConfig | None) -> Profile:
+def _sampling_profile(profile: Any, data_root: str | Path | None, record: CheckpointConfig | None,
+                      overrides: dict[str, Any] | None = None) -> Profile:
     """The profile to sample with: an explicit one, else ``$SD_PROFILE``, else the one the checkpoint was trained
     with; its data root: explicit, else ``$SD_DATA_ROOT``, else the one whose components the trainer recorded
     (when that folder still exists), else ``./data``."""
@@ -385,7 +387,7 @@ def _sampling_profile(profile: Any, data_root: str | Path | None, record: Checkp
         comp = Path(record.text.components) if record.text.components else None
         if comp is not None and comp.name == "components" and comp.is_dir():
             data_root = comp.parent
-    return get_profile(profile, data_root)
+    return get_profile(profile, data_root, overrides)
 
 
 def _load_unet_for(path: Path, profile: Profile, use_ema: bool, device: torch.device,
@@ -397,6 +399,8 @@ def _load_unet_for(path: Path, profile: Profile, use_ema: bool, device: torch.de
             return ckpt_mod.load_unet(path, ema=use_ema, device=device, dtype=dtype)
         except ckpt_mod.MissingUNetConfigError:
             return ckpt_mod.load_unet(path, ema=use_ema, device=device, dtype=dtype, config=profile.unet)
+    except ckpt_mod.DamagedCheckpointError:
+        raise  # hash mismatch / NaN weights: the refusal names the file; a shape report would only mislead
     except (CheckpointError, RuntimeError) as exc:
         report, weights_file, ucfg = _mismatch_report(path, use_ema, profile.unet)
         if not report:
@@ -411,6 +415,7 @@ def load_for_sampling(
     device: str | torch.device | None = None,
     use_ema: bool = True,
     dtype: torch.dtype | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> SamplingBundle:
     """Load a checkpoint's UNet (EMA weights by default) and the profile's frozen components, and check that
     they fit (context width, latent channels, vocabulary). Errors name the checkpoint and the expected shapes.
@@ -426,7 +431,7 @@ def load_for_sampling(
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     ckpt_dir, record = _checkpoint_record(path)
-    profile = _sampling_profile(profile, data_root, record)
+    profile = _sampling_profile(profile, data_root, record, overrides)
     unet = _load_unet_for(path, profile, use_ema, dev, dtype)
     te, tok, vae = _load_components(profile, dev)
     try:
@@ -465,10 +470,22 @@ def add_component_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data root holding components/ (default: $SD_DATA_ROOT, else the components folder the "
                              "trainer recorded, else ./data)")
     parser.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA weights")
+    parser.add_argument("--overrides", type=json_object_arg, default=None,
+                        help="profile overrides as JSON, as in a run config's `overrides` (e.g. the components of a "
+                             'run trained with other sources: \'{"components": {"vae": "/models/vae", ...}}\')')
+
 
 
 class _UsageError(ValueError):
     """A command-line argument that cannot be used (reported as ``sd generate: ...``, exit code 2)."""
+
+
+
+def _sample_arg(name: str) -> Callable[[str], Any]:
+    """The argparse ``type=`` of a flag that stands for ``SampleConfig.name``: parsed and range-checked by the
+    config's own check (`sd_core.config.field_arg`), so ``--steps 0`` and ``--guidance nan`` fail in argparse
+    exactly as ``sample.steps: 0`` in a run config does."""
+    return field_arg(SampleConfig, name)
 
 
 def _generate_parser() -> argparse.ArgumentParser:
@@ -480,21 +497,28 @@ def _generate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory (step_XXXXXXXX), run directory (uses 'latest') or .safetensors file")
+    parser.add_argument("--which", choices=["latest", "best"], default="latest",
+                        help="with a run directory: its latest checkpoint (default) or the best one by the "
+                             "checkpoint_eval scores in RUN_DIR/eval_scores.json")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--batch", help="a text file with one prompt per line (blank lines and #comments skipped)")
     parser.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the profile's, 30)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the profile's, 7.5)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic DDIM)")
+    parser.add_argument("--num-images", type=positive_int_arg, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--steps", type=_sample_arg("steps"), default=None,
+                        help="DDIM steps, 1-1000 (default: the profile's, 30)")
+    parser.add_argument("--guidance", type=_sample_arg("guidance"), default=None,
+                        help="CFG scale, finite and >= 0 (default: the profile's, 7.5)")
+    parser.add_argument("--eta", type=_sample_arg("eta"), default=0.0, help="DDIM eta (0 = deterministic DDIM)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    parser.add_argument("--height", type=int, default=None, help="image height (default: the profile's)")
-    parser.add_argument("--width", type=int, default=None, help="image width (default: the profile's)")
+    parser.add_argument("--height", type=_sample_arg("height"), default=None,
+                        help="image height, a multiple of the VAE's downsampling (default: the profile's)")
+    parser.add_argument("--width", type=_sample_arg("width"), default=None,
+                        help="image width, a multiple of the VAE's downsampling (default: the profile's)")
     parser.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: first available)")
     add_component_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per UNet batch (default 8)")
+    parser.add_argument("--batch-size", type=positive_int_arg, default=8, help="images per UNet batch (default 8)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="UNet weights dtype (default auto: bf16 on CUDA, fp32 elsewhere); latents and the "
                              "scheduler always run in fp32")
@@ -513,28 +537,64 @@ def _image_prompts(args: argparse.Namespace) -> list[str]:
         prompts = [ln for ln in lines if ln and not ln.startswith("#")]
         if not prompts:
             raise _UsageError(f"{batch} holds no prompts")
-    if args.num_images < 1:
-        raise _UsageError("--num-images must be at least 1")
     return [p for p in prompts for _ in range(args.num_images)]
+
+
+def _image_size(parser: argparse.ArgumentParser, args: argparse.Namespace, sample_cfg: SampleConfig,
+                bundle: SamplingBundle) -> tuple[int, int]:
+    """(height, width): the flags' or the profile's, each a multiple of the latent factor: the VAE's
+    downsampling times the UNet's (its levels halve the latents), only known once both are loaded (sd15:
+    8 × 8 = 64 px). Otherwise an argparse error (exit 2) naming the flag, or the profile field."""
+    vae_factor = _vae_scale_factor(bundle.vae)
+    unet_factor = 2 ** (len(getattr(bundle.unet.config, "ch_mults", (1,))) - 1)
+    factor = vae_factor * unet_factor
+    sizes = []
+    for name in ("height", "width"):
+        flag_value = getattr(args, name)
+        value = flag_value if flag_value is not None else getattr(sample_cfg, name)
+        if value % factor:
+            origin = f"argument --{name}" if flag_value is not None else f"sample.{name} (the profile's; pass --{name})"
+            parser.error(f"{origin}: must be a positive multiple of {factor} (the VAE's downsampling {vae_factor} x "
+                         f"the UNet's {unet_factor}), got {value}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
+def _which_checkpoint(args: argparse.Namespace) -> str | Path:
+    """--checkpoint itself, or with ``--which best`` the best-scored checkpoint of that run (the scores that
+    `checkpoint_eval` wrote); a run without scores is a usage error naming the scores file."""
+    if args.which != "best":
+        return args.checkpoint
+    from sd_core.evaluation.checkpoint_eval import EvaluationError, best_checkpoint  # imports this module
+
+    try:
+        best = best_checkpoint(args.checkpoint)
+    except EvaluationError as exc:
+        raise _UsageError(f"--which best: {exc}") from exc
+    print(f"sd generate: best checkpoint of {args.checkpoint}: {best}", file=sys.stderr)
+    return best
 
 
 def generate_main(argv: list[str] | None = None) -> int:
     """`sd generate`: write one PNG per prompt (× --num-images) into --out."""
-    args = _generate_parser().parse_args(argv)
+    parser = _generate_parser()
+    args = parser.parse_args(argv)
     try:
         prompts = _image_prompts(args)
         device = pick_device(args.device)
-        bundle = load_for_sampling(args.checkpoint, profile=args.profile, data_root=args.data_root,
-                                   device=device, use_ema=not args.no_ema, dtype=resolve_dtype(args.dtype, device))
-    except (_UsageError, CheckpointError, CompatibilityError) as exc:
+        bundle = load_for_sampling(_which_checkpoint(args), profile=args.profile, data_root=args.data_root,
+                                   device=device, use_ema=not args.no_ema, dtype=resolve_dtype(args.dtype, device),
+                                   overrides=args.overrides)
+        sample_cfg = get_profile(args.profile, args.data_root, args.overrides).sample
+    except (_UsageError, CheckpointError, CompatibilityError, ConfigError) as exc:  # ConfigError: e.g. SD_PROFILE
         print(f"sd generate: {exc}", file=sys.stderr)
         return 2
-    sample_cfg = get_profile(args.profile, args.data_root).sample
+    height, width = _image_size(parser, args, sample_cfg, bundle)
     images = generate(
         bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, prompts,
-        negative_prompts=args.negative, steps=args.steps or sample_cfg.steps,
+        negative_prompts=args.negative, steps=args.steps if args.steps is not None else sample_cfg.steps,
         guidance=args.guidance if args.guidance is not None else sample_cfg.guidance, eta=args.eta,
-        seed=args.seed, height=args.height or sample_cfg.height, width=args.width or sample_cfg.width,
+        seed=args.seed, height=height, width=width,
         scaling_factor=bundle.scaling_factor, batch_size=args.batch_size, max_length=bundle.max_length,
     )
     out = Path(args.out)

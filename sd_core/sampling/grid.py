@@ -1,7 +1,8 @@
 """The sample grid: fixed prompts × fixed seeds from one checkpoint, as one labelled PNG.
 
 Why fixed prompts and seeds: two grids of two checkpoints are then directly comparable (row r is prompt r,
-column c uses seed ``seeds[c]``). The grid is written to ``samples/{run}/grid.png`` plus a
+column c uses seed ``seeds[c]``). `render_grid` renders it from a loaded checkpoint (also used per step by
+`checkpoint_eval`). The grid is written to ``samples/{run}/grid.png`` plus a
 ``grid_step_XXXXXXXX.png`` copy per checkpoint step, so earlier grids of a run stay around. For the tiny
 profile the prompt-adherence score (`sd_core.sampling.adherence`) comes with it.
 """
@@ -17,7 +18,8 @@ from PIL import Image
 from sd_core.atomic import write_atomic
 from sd_core.config import Profile
 from sd_core.sampling.adherence import AdherenceResult, adherence
-from sd_core.sampling.generate import generate, image_grid, load_for_sampling, pick_device, resolve_dtype
+from sd_core.sampling.generate import (SamplingBundle, generate, image_grid, load_for_sampling, pick_device,
+                                       resolve_dtype)
 from sd_core.training.checkpoint import CheckpointConfig, CheckpointError, latest_checkpoint
 
 
@@ -72,14 +74,22 @@ def grid_is_valid(path: Path, size: tuple[int, int]) -> bool:
         return False
 
 
-def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -> SampleGrid:
-    """Render ``profile.sample``'s prompts × seeds from ``checkpoint``'s EMA weights (DDIM + CFG) and write
-    the grid under ``profile.samples_dir``."""
+@dataclass
+class RenderedGrid:
+    """The fixed prompts × seeds of ``profile.sample`` rendered from one loaded checkpoint."""
+
+    grid: Image.Image
+    images: list[Image.Image]
+    prompts: list[str]  # per image (prompt-major)
+    seeds: list[int]  # per image
+    seconds: float
+
+
+def render_grid(bundle: SamplingBundle, profile: Profile, batch_size: int = 16) -> RenderedGrid:
+    """Render ``profile.sample``'s prompts × seeds with a loaded checkpoint (DDIM + CFG) into one labelled grid
+    (row r = prompt r, column c = seed c); used by `sample_grid` and, per checkpoint step, `checkpoint_eval`."""
     cfg = profile.sample
     t0 = time.perf_counter()
-    device = pick_device()
-    bundle = load_for_sampling(checkpoint, profile=profile, device=device, use_ema=True,
-                               dtype=resolve_dtype("auto", device))
     prompts = list(cfg.prompts)
     seeds = list(cfg.seeds)
     all_prompts = [p for p in prompts for _ in seeds]
@@ -90,17 +100,36 @@ def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -
         height=cfg.height, width=cfg.width, scaling_factor=bundle.scaling_factor, batch_size=batch_size,
         max_length=bundle.max_length,
     )
-    seconds = time.perf_counter() - t0
     grid = image_grid(images, rows=len(prompts), labels=prompts)
+    return RenderedGrid(grid, images, all_prompts, all_seeds, time.perf_counter() - t0)
+
+
+def step_grid_path(samples_dir: Path, run: str, step: int) -> Path:
+    """Where the grid of checkpoint ``step`` of ``run`` is kept: ``samples/{run}/grid_step_XXXXXXXX.png``."""
+    return samples_dir / run / f"grid_step_{step:08d}.png"
+
+
+def write_png(path: Path, image: Image.Image) -> Path:
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
+    return path
+
+
+def make_sample_grid(checkpoint: Path, profile: Profile, batch_size: int = 16) -> SampleGrid:
+    """Render ``profile.sample``'s prompts × seeds from ``checkpoint``'s EMA weights (DDIM + CFG) and write
+    the grid under ``profile.samples_dir``."""
+    t0 = time.perf_counter()
+    device = pick_device()
+    bundle = load_for_sampling(checkpoint, profile=profile, device=device, use_ema=True,
+                               dtype=resolve_dtype("auto", device))
+    rendered = render_grid(bundle, profile, batch_size)
+    seconds = time.perf_counter() - t0
     run = run_name(bundle.checkpoint)
-    out_dir = profile.samples_dir / run
-    grid_path = out_dir / "grid.png"
-    write_atomic(grid_path, lambda f: grid.save(f, format="PNG"))
+    grid_path = write_png(profile.samples_dir / run / "grid.png", rendered.grid)
     if bundle.step is not None:
-        write_atomic(out_dir / f"grid_step_{bundle.step:08d}.png", lambda f: grid.save(f, format="PNG"))
+        write_png(step_grid_path(profile.samples_dir, run, bundle.step), rendered.grid)
     return SampleGrid(
-        grid=grid, grid_path=grid_path, images=images, prompts=all_prompts, seeds=all_seeds,
-        checkpoint=bundle.checkpoint, step=bundle.step, ema=bundle.ema, run=run, seconds=seconds,
-        checkpoint_config=bundle.config,
-        adherence=adherence(images, all_prompts) if profile.name == "tiny" else None,
+        grid=rendered.grid, grid_path=grid_path, images=rendered.images, prompts=rendered.prompts,
+        seeds=rendered.seeds, checkpoint=bundle.checkpoint, step=bundle.step, ema=bundle.ema, run=run,
+        seconds=seconds, checkpoint_config=bundle.config,
+        adherence=adherence(rendered.images, rendered.prompts) if profile.name == "tiny" else None,
     )

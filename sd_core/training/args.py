@@ -2,62 +2,41 @@
 
 Every recipe flag defaults to ``None`` and, when given, overrides its field of the profile's ``TrainConfig``
 (``--profile``, ``--overrides`` JSON); ``--help`` lists each flag's value in every profile. Bad values fail in
-argparse with the flag's name ("argument --lr: must be in (0, inf], got -1"). No torch here: the parser and
-the settings are cheap to build and to test; the trainer (`sd_core.training.trainer`) reads :class:`Settings`.
+argparse with the flag's name and the config field's own check, the one run-config overrides go through
+too ("argument --lr: train.lr = -1.0: must be a finite number > 0"): ranges live only in `sd_core.config`.
+No torch here: the parser and the settings are cheap to build and to test; the trainer
+(`sd_core.training.trainer`) reads :class:`Settings`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from sd_core.config import PROFILES, Profile, TrainConfig, get_profile
-
-
-def _number(cast: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-            hi_open: bool = False):
-    """An argparse ``type=`` parsing ``cast`` (int or float) within [lo, hi] (open ends where asked); its
-    errors read "argument --flag: must be ...", so the message names the flag."""
-    bounds = (("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
-              + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]"))
-
-    def parse(s: str):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, "
-                                             f"got {s!r}") from None
-        if cast is float and not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
-        if (lo is not None and (v < lo or (lo_open and v == lo))) or \
-                (hi is not None and (v > hi or (hi_open and v == hi))):
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {v}")
-        return v
-
-    parse.__name__ = f"{cast.__name__} in {bounds}"
-    return parse
+from sd_core.config import (PROFILES, Profile, TrainConfig, field_arg, field_choices, get_profile,
+                            json_object_arg, positive_int_arg)
 
 
-_positive_int = _number(int, 0, lo_open=True)
-_nonneg_int = _number(int, 0)
-_positive_float = _number(float, 0.0, lo_open=True)
-_nonneg_float = _number(float, 0.0)
-_probability = _number(float, 0.0, 1.0, hi_open=True)
-_unit_interval = _number(float, 0.0, 1.0)
+def _train(name: str):
+    """The argparse ``type=`` of the flag for ``TrainConfig.name``: the string read as the field's type and
+    checked by the config's own check (`sd_core.config.field_arg`), the one every override goes through too;
+    so argparse reports "argument --batch-size: train.batch_size = 0: must be an integer >= 1"."""
+    return field_arg(TrainConfig, name)
+
+
+
+GAMMA_OFF = 0.0  # what --min-snr-gamma 0/none parses to: resolve_settings turns it into min_snr_gamma=None
 
 
 def _gamma(s: str) -> float:
-    """Min-SNR γ: a positive number; 0 or 'none' turns the weighting off (stored as 0)."""
+    """Min-SNR γ: a positive number; 0 or 'none' turns the weighting off (`GAMMA_OFF`)."""
     if s.strip().lower() in ("none", "off", "0", "0.0"):
-        return 0.0
-    return _positive_float(s)
+        return GAMMA_OFF
+    return _train("min_snr_gamma")(s)
 
 
 def _resume(s: str) -> str:
@@ -67,15 +46,6 @@ def _resume(s: str) -> str:
         raise argparse.ArgumentTypeError(f"'auto', 'none' or an existing checkpoint path, got {s!r} (not found)")
     return s
 
-
-def _json_object(s: str) -> dict[str, Any]:
-    try:
-        v = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at {e.pos}): {s!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(v).__name__}")
-    return v
 
 
 def _shard_list(s: str) -> list[str]:
@@ -89,7 +59,7 @@ def _shard_list(s: str) -> list[str]:
 _TRAIN_FLAGS = (
     "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_steps", "epochs", "seed",
     "min_snr_gamma", "cfg_dropout", "ema_decay", "grad_clip", "grad_ckpt", "compile", "channels_last",
-    "checkpoint_every", "keep_last", "log_every", "val_share", "val_every", "val_max_samples",
+    "precision", "checkpoint_every", "keep_last", "log_every", "val_share", "val_every", "val_max_samples",
     "wandb", "wandb_mode", "wandb_project", "num_workers", "min_lr_ratio",
 )
 
@@ -113,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--profile", default=None, help="profile name (default: $SD_PROFILE or tiny)")
     g.add_argument("--data-root", default=None, help="data root (default: $SD_DATA_ROOT or ./data)")
-    g.add_argument("--overrides", type=_json_object, default=None,
+    g.add_argument("--overrides", type=json_object_arg, default=None,
                    help='profile overrides as JSON, e.g. \'{"train": {"lr": 5e-4}}\'')
     g.add_argument("--latents-dir", default=None, help="latent cache directory (default: {data-root}/latents)")
     g.add_argument("--shards", type=_shard_list, default=None,
@@ -128,48 +98,52 @@ def _add_run_flags(g: argparse._ArgumentGroup) -> None:
                    help="'auto': continue from {output-dir}/latest if present; a checkpoint or run directory; "
                         "'none': start fresh (an existing run directory is then refused)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
-    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="STEP",
+    g.add_argument("--stop-after", type=positive_int_arg, default=None, metavar="STEP",
                    help="end this invocation at step STEP (checkpointed) while the LR schedule keeps its full "
                         "length; continue later with --resume (for time-limited jobs)")
 
 
 def _add_recipe_flags(r: argparse._ArgumentGroup) -> None:
-    r.add_argument("--batch-size", type=_positive_int, default=None, help="micro-batch size per process")
-    r.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per optimiser step")
-    r.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
-    r.add_argument("--min-lr-ratio", type=_unit_interval, default=None,
+    r.add_argument("--batch-size", type=_train("batch_size"), default=None, help="micro-batch size per process")
+    r.add_argument("--grad-accum", type=_train("grad_accum"), default=None, help="micro-batches per optimiser step")
+    r.add_argument("--lr", type=_train("lr"), default=None, help="peak learning rate")
+    r.add_argument("--min-lr-ratio", type=_train("min_lr_ratio"), default=None,
                    help="final lr of the cosine decay as a fraction of --lr")
-    r.add_argument("--weight-decay", type=_nonneg_float, default=None, help="AdamW weight decay")
-    r.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="linear warmup steps")
-    r.add_argument("--max-steps", type=_positive_int, default=None,
+    r.add_argument("--weight-decay", type=_train("weight_decay"), default=None, help="AdamW weight decay")
+    r.add_argument("--warmup-steps", type=_train("warmup_steps"), default=None, help="linear warmup steps")
+    r.add_argument("--max-steps", type=_train("max_steps"), default=None,
                    help="optimiser steps to train (with --epochs: whichever ends first)")
-    r.add_argument("--epochs", type=_positive_int, default=None,
+    r.add_argument("--epochs", type=_train("epochs"), default=None,
                    help="epochs to train (given alone, it replaces the profile's max steps)")
-    r.add_argument("--seed", type=_nonneg_int, default=None, help="seed of init, data order, noise")
+    r.add_argument("--seed", type=_train("seed"), default=None, help="seed of init, data order, noise")
     r.add_argument("--min-snr-gamma", type=_gamma, default=None, help="Min-SNR γ (0 or 'none': unweighted)")
-    r.add_argument("--cfg-dropout", type=_probability, default=None,
+    r.add_argument("--cfg-dropout", type=_train("cfg_dropout"), default=None,
                    help="probability of replacing a caption by the empty prompt")
-    r.add_argument("--ema-decay", type=_unit_interval, default=None, help="EMA decay (warmup-corrected)")
-    r.add_argument("--grad-clip", type=_positive_float, default=None, help="gradient-norm clip")
+    r.add_argument("--ema-decay", type=_train("ema_decay"), default=None, help="EMA decay (warmup-corrected)")
+    r.add_argument("--grad-clip", type=_train("grad_clip"), default=None, help="gradient-norm clip")
     r.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the UNet")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format")
-    r.add_argument("--num-workers", type=_nonneg_int, default=None, help="DataLoader worker processes")
+    r.add_argument("--precision", choices=field_choices(TrainConfig, "precision"), default=None,
+                   help="bf16 autocast (fp32 weights) or fp32; the profile's None = bf16 on CUDA, fp32 on CPU")
+    r.add_argument("--num-workers", type=_train("num_workers"), default=None, help="DataLoader worker processes")
 
 
 def _add_logging_flags(c: argparse._ArgumentGroup) -> None:
-    c.add_argument("--checkpoint-every", type=_positive_int, default=None, help="checkpoint interval (steps)")
-    c.add_argument("--keep-last", type=_positive_int, default=None, help="checkpoints to keep")
-    c.add_argument("--log-every", type=_positive_int, default=None, help="metrics interval (steps)")
-    c.add_argument("--val-share", type=_probability, default=None, help="held-out share of samples")
-    c.add_argument("--val-every", type=_positive_int, default=None, help="validation interval (steps)")
-    c.add_argument("--val-max-samples", type=_nonneg_int, default=None, help="validation samples scored")
+    c.add_argument("--checkpoint-every", type=_train("checkpoint_every"), default=None,
+                   help="checkpoint interval (steps)")
+    c.add_argument("--keep-last", type=_train("keep_last"), default=None, help="checkpoints to keep")
+    c.add_argument("--log-every", type=_train("log_every"), default=None, help="metrics interval (steps)")
+    c.add_argument("--val-share", type=_train("val_share"), default=None, help="held-out share of samples")
+    c.add_argument("--val-every", type=_train("val_every"), default=None, help="validation interval (steps)")
+    c.add_argument("--val-max-samples", type=_train("val_max_samples"), default=None,
+                   help="validation samples scored")
     c.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None, help="log to wandb")
-    c.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default=None,
+    c.add_argument("--wandb-mode", choices=field_choices(TrainConfig, "wandb_mode"), default=None,
                    help="wandb mode ($WANDB_MODE wins when set)")
-    c.add_argument("--wandb-project", default=None, help="wandb project")
+    c.add_argument("--wandb-project", type=_train("wandb_project"), default=None, help="wandb project")
     c.add_argument("--wandb-run-name", default=None, help="wandb run name (default: the run id)")
 
 
@@ -217,7 +191,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     changes = {field: getattr(args, field) for field in _TRAIN_FLAGS if getattr(args, field) is not None}
     if args.epochs is not None and args.max_steps is None:
         changes["max_steps"] = None
-    if changes.get("min_snr_gamma") == 0.0:
+    if changes.get("min_snr_gamma") == GAMMA_OFF:
         changes["min_snr_gamma"] = None
     tcfg = dataclasses.replace(profile.train, **changes)
     if tcfg.max_steps is None and tcfg.epochs is None:

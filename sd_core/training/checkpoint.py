@@ -22,7 +22,17 @@ leaves the previous checkpoint and ``latest`` intact; leftover ``.tmp-*`` direct
 save. ``keep_last`` prunes older checkpoints after the pointer moved (never the one ``latest`` names).
 
 Loading never unpickles arbitrary objects: weights come from safetensors and ``state.pt`` goes through
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``; a state file that holds anything else is refused as "not a plain tensor
+checkpoint", by name.
+
+Integrity (DESIGN.md section 8): ``config.json`` records the sha256 of every file written beside it
+(``files``). Loading checks a file against it before use, and the weights for NaN/inf after, raising
+:class:`DamagedCheckpointError` naming the file: bytes flipped on disk never reach sampling or a resumed run.
+``--resume auto`` uses :func:`newest_intact_checkpoint` (the newest checkpoint that verifies, saying which it
+skipped), and pruning never deletes the newest intact checkpoint. Records written before hashes existed
+(format 1) still load, with a warning that they are unverified. A full disk during a save raises
+`sd_core.atomic.DiskFullError` ("no space left on ..., previous checkpoint ... intact") after removing the
+partial directory.
 
 ``config.json`` is one typed record, :class:`CheckpointConfig`: the trainer writes it (:func:`save_checkpoint`),
 sampling, export and the Dagster assets read it (:func:`read_config`); nothing reads a key it does not define.
@@ -34,24 +44,29 @@ trainer), :func:`strip_prefixes`, :func:`nonfinite_tensors`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from sd_core.atomic import atomic_dir, remove_dir, write_atomic, write_file_atomic, write_json_atomic, write_text_atomic
+from sd_core.atomic import (DiskFullError, atomic_dir, is_disk_full, remove_dir, write_atomic, write_file_atomic,
+                            write_json_atomic, write_text_atomic)
 from sd_core.config import UNetConfig
 from sd_core.model.convert import strip_wrapper_prefixes
 from sd_core.model.unet import UNetModel
 
-FORMAT = 1
+FORMAT = 2  # 2: config.json records each file's sha256 (``files``); 1: no hashes (loaded as unverified)
 UNET_FILE = "unet.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
@@ -59,10 +74,14 @@ CONFIG_FILE = "config.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _META_KEY = "sd_unet_config"
+HASHED_FILES = (UNET_FILE, EMA_FILE, STATE_FILE)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
+    "DamagedCheckpointError",
     "MissingUNetConfigError",
     "TextConditioning",
     "checkpoint_step",
@@ -71,7 +90,9 @@ __all__ = [
     "load_train_state",
     "load_unet",
     "load_weights",
+    "newest_intact_checkpoint",
     "nonfinite_tensors",
+    "prune_checkpoints",
     "read_config",
     "read_config_file",
     "resolve_checkpoint",
@@ -81,11 +102,22 @@ __all__ = [
     "stored_unet_config",
     "strip_prefixes",
     "unet_config_from_dict",
+    "verify_checkpoint",
+    "verify_file",
 ]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file whose bytes differ from the sha256 its ``config.json`` recorded, or whose weights hold
+    NaN/inf: refused by name (``path``), never loaded, resumed from or allowed to replace a good checkpoint."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"damaged checkpoint file {path}: {reason}")
+        self.path = path
 
 
 class MissingUNetConfigError(CheckpointError):
@@ -131,6 +163,7 @@ class CheckpointConfig:
     filter: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     saved_at: float | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex of what was written
     format: int = FORMAT
 
     def lineage(self) -> dict[str, Any]:
@@ -214,15 +247,72 @@ def save_weights(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Te
 def load_weights(path: str | os.PathLike[str], device: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state dict with wrapper prefixes stripped, header metadata) of a safetensors file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:  # a garbled or truncated header / data section
+        raise DamagedCheckpointError(path, f"not a readable safetensors file ({exc})") from exc
     return strip_prefixes(sd), meta
+
+
+# ------------------------------------------------------------------------------------------ integrity
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 (hex) of a file's bytes, read in chunks (weights files are GBs)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_file(path: str | os.PathLike[str], record: CheckpointConfig | None) -> bool:
+    """Check one file of a checkpoint against the sha256 its ``config.json`` recorded: True when it matches,
+    False (with a warning) when the record has no hash for it (a checkpoint written before hashes, or a foreign
+    file); :class:`DamagedCheckpointError` naming the file when the bytes differ or the file is missing."""
+    path = Path(path)
+    expected = record.files.get(path.name) if record is not None else None
+    if not expected:
+        what = "its config.json records no hash for it" if record is not None else "no config.json beside it"
+        log.warning(f"warning: {path} is unverified ({what}: saved before checkpoints carried content hashes, "
+                    f"or not by this trainer)")
+        return False
+    if not path.is_file():
+        raise DamagedCheckpointError(path, "the file is missing (config.json records it)")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise DamagedCheckpointError(
+            path, f"its sha256 is {actual[:16]}…, config.json recorded {expected[:16]}… (the bytes changed "
+                  f"after it was saved): use another checkpoint")
+    return True
+
+
+def require_finite(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """:class:`DamagedCheckpointError` when any floating-point tensor of ``path`` holds NaN/inf (such weights
+    sample black images and poison a resumed run)."""
+    bad = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise DamagedCheckpointError(path, f"{len(bad)} tensor(s) hold NaN/inf: {bad[:5]}"
+                                           f"{' ...' if len(bad) > 5 else ''}")
+
+
+def verify_checkpoint(path: str | os.PathLike[str], files: Iterable[str] = HASHED_FILES) -> CheckpointConfig:
+    """Check a checkpoint before use: each of ``files`` that its record lists (or that exists) against its
+    sha256, and the weights files for NaN/inf. Returns the record; raises :class:`DamagedCheckpointError`
+    naming the first bad file."""
+    ckpt = resolve_checkpoint(path)
+    record = read_config_file(ckpt / CONFIG_FILE)
+    for name in files:
+        f = ckpt / name
+        if name not in record.files and not f.exists():
+            continue  # e.g. a checkpoint saved without EMA
+        verify_file(f, record)
+        if name.endswith(".safetensors"):
+            sd, _ = load_weights(f)
+            require_finite(f, sd)
+    return record
 
 
 # ------------------------------------------------------------------------------------- run directory
@@ -265,6 +355,34 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return ckpt
 
 
+def newest_intact_checkpoint(run_dir: str | os.PathLike[str], say: Callable[[str], None] | None = None
+                             ) -> Path | None:
+    """The checkpoint ``--resume auto`` continues from: the one ``latest`` names if it verifies
+    (:func:`verify_checkpoint`), else the newest older one that does, after ``say``-ing which were skipped and
+    why. None when the run has no checkpoint; :class:`CheckpointError` when it has some but none is intact
+    (starting afresh would overwrite and prune them)."""
+    run = Path(run_dir)
+    skipped: list[str] = []
+    try:
+        latest = latest_checkpoint(run)
+    except CheckpointError as exc:  # a pointer to a deleted or half-written directory
+        latest, skipped = None, [str(exc)]
+    candidates = [latest] if latest is not None else []
+    candidates += [c for c in reversed(list_checkpoints(run)) if latest is None or c.name != latest.name]
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        if skipped and say is not None:
+            say(f"warning: resuming from {ckpt}, the newest intact checkpoint, instead: " + "; ".join(skipped))
+        return ckpt
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint to resume from in {run}: " + "; ".join(skipped))
+    return None
+
+
 def read_config(path: str | os.PathLike[str]) -> CheckpointConfig:
     """The ``config.json`` record of a checkpoint (directory, run directory or file inside one)."""
     ckpt = resolve_checkpoint(path)
@@ -305,41 +423,98 @@ def save_checkpoint(
     ucfg = _config_dict(config.unet)
     meta = {_META_KEY: json.dumps(ucfg), "format": "sd-pipeline", "step": str(int(config.step))}
     name = step_dir_name(config.step)
-    # re-saving a step (a resumed run passing an older run's checkpoint) swaps the old one out
-    with atomic_dir(run / name) as tmp:
-        save_weights(tmp / UNET_FILE, unet_state, meta)
-        if ema_state is not None:
-            save_weights(tmp / EMA_FILE, ema_state, meta)
-        write_atomic(tmp / STATE_FILE, lambda f: torch.save(dict(train_state), f))
-        write_json_atomic(tmp / CONFIG_FILE, config.to_json())
-    write_text_atomic(run / LATEST, name + "\n")
+    with _disk_full_reported(run, name):
+        # re-saving a step (a resumed run passing an older run's checkpoint) swaps the old one out
+        with atomic_dir(run / name) as tmp:
+            save_weights(tmp / UNET_FILE, unet_state, meta)
+            if ema_state is not None:
+                save_weights(tmp / EMA_FILE, ema_state, meta)
+            write_atomic(tmp / STATE_FILE, lambda f: torch.save(dict(train_state), f))
+            # the hashes of the bytes as written (read back from the files, not from memory)
+            files = {f.name: file_sha256(f) for f in (tmp / n for n in HASHED_FILES) if f.exists()}
+            write_json_atomic(tmp / CONFIG_FILE, dataclasses.replace(config, files=files).to_json())
+        write_text_atomic(run / LATEST, name + "\n")
     if keep_last is not None and keep_last > 0:
-        prune_checkpoints(run, keep_last)
+        prune_checkpoints(run, keep_last, intact=run / name)
     return run / name
 
 
-def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
+@contextlib.contextmanager
+def _disk_full_reported(run: Path, name: str) -> Iterator[None]:
+    """Turn a full disk during a save into one `DiskFullError` naming the run directory and the checkpoint
+    that stays ``latest`` (the partial directory is already gone: `atomic_dir` removes it)."""
+    previous = _pointer_name(run)
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc, run):
+            raise
+        kept = f"previous checkpoint {run / previous} intact" if previous else "no previous checkpoint to keep"
+        raise DiskFullError(run / name, kept) from exc
+
+
+def _pointer_name(run: Path) -> str | None:
+    try:
+        return (run / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int, intact: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints, never the one ``latest`` names nor the newest
+    intact one: ``intact`` when the caller knows it (a save that just hashed what it wrote), else the newest
+    that passes :func:`verify_checkpoint` (so a damaged newer checkpoint never gets a good one pruned)."""
     run = Path(run_dir)
-    current = latest_checkpoint(run)
     ckpts = list_checkpoints(run)
+    doomed = ckpts[:-keep_last] if keep_last > 0 else []
+    if not doomed:
+        return []
+    keep = {p.name for p in (latest_checkpoint(run), intact or _newest_verified(ckpts)) if p is not None}
     removed = []
-    for p in ckpts[:-keep_last] if keep_last > 0 else []:
-        if current is not None and p.resolve() == current.resolve():
+    for p in doomed:
+        if p.name in keep:
             continue
         remove_dir(p)
         removed.append(p)
     return removed
 
 
+def _newest_verified(ckpts: list[Path]) -> Path | None:
+    for ckpt in reversed(ckpts):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except CheckpointError:
+            continue
+    return None
+
+
 # --------------------------------------------------------------------------------------------- load
-def load_train_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The trainer state of a checkpoint, loaded with ``weights_only=True`` (never arbitrary unpickling)."""
+def load_train_state(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *,
+                     verify: bool = True) -> dict[str, Any]:
+    """The trainer state of a checkpoint, loaded with ``weights_only=True`` (never arbitrary unpickling), after
+    checking its sha256 against ``config.json`` (``verify``). A pickled object is refused as "not a plain
+    tensor checkpoint" naming the file; a garbled file as :class:`DamagedCheckpointError`."""
     ckpt = resolve_checkpoint(path)
     state_path = ckpt / STATE_FILE
     if not state_path.exists():
         raise CheckpointError(f"{ckpt} has no {STATE_FILE}: it holds weights only and cannot be resumed from")
-    return torch.load(state_path, map_location=map_location, weights_only=True)
+    if verify:
+        verify_file(state_path, read_config_file(ckpt / CONFIG_FILE))
+    try:
+        return torch.load(state_path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a pickled object: say so without torch's advice
+        raise CheckpointError(f"{state_path} is not a plain tensor checkpoint: it holds {_refused_object(exc)}, "
+                              f"which is never unpickled (a state file holds only tensors, dicts, lists, "
+                              f"strings and numbers)") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # a truncated or garbled zip archive
+        raise DamagedCheckpointError(state_path, f"not a readable torch file ({exc})") from exc
+
+
+def _refused_object(exc: BaseException) -> str:
+    """What the weights-only unpickler refused, from its message ("Unsupported global: GLOBAL mod.Name ...")."""
+    m = re.search(r"(?:Unsupported global|GLOBAL|Unsupported operand)\W+(?:GLOBAL\s+)?([\w.]+)", str(exc))
+    return f"a pickled Python object ({m.group(1)})" if m else "a pickled Python object"
 
 
 def weights_path(path: Path, ema: bool) -> tuple[Path, CheckpointConfig | None]:
@@ -376,6 +551,7 @@ def load_unet(
     dtype: torch.dtype | None = None,
     config: UNetConfig | None = None,
     use_ema: bool | None = None,
+    verify: bool = True,
 ) -> Any:
     """A ``UNetModel`` (eval mode) with a checkpoint's weights.
 
@@ -383,13 +559,19 @@ def load_unet(
     (ours, or any UNet state dict, with or without ``module.`` / ``_orig_mod.`` prefixes). ``ema``: the EMA
     weights (default; falls back to the live weights when the checkpoint has no EMA) or the live ones.
     ``config``: a ``UNetConfig`` for files that do not carry one. ``use_ema``: an alias of ``ema``.
+    ``verify``: check the file's sha256 against ``config.json`` and its tensors for NaN/inf first
+    (:class:`DamagedCheckpointError` naming the file); off only for tools that inspect damage themselves.
     The checkpoint's ``config.json`` (step, lineage) is :func:`read_config`.
     """
     if use_ema is not None:
         ema = use_ema
 
     weights, ckpt_config = weights_path(Path(path), ema)
+    if verify:
+        verify_file(weights, ckpt_config)
     sd, meta = load_weights(weights)
+    if verify:
+        require_finite(weights, sd)
     if config is None:
         config = stored_unet_config(weights, meta, ckpt_config)
     model = UNetModel(config)

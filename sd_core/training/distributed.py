@@ -39,13 +39,19 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def device_type(device: str = "auto") -> str:
+    """``cuda`` or ``cpu``: what ``--device`` (``auto``: CUDA when available) resolves to."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    return "cuda" if use_cuda else "cpu"
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join torchrun's process group if launched by it; pick the device (``auto``: the local GPU if CUDA is
     available, else CPU)."""
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = device_type(device) == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     if use_cuda:

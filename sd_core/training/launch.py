@@ -3,6 +3,13 @@
 Why here and not in the asset: the command line, the per-rank error files and the clean-up of leftover
 trainer processes are plain process management, testable without Dagster. The trainer records each rank's
 PID (``{run}/pids/rank{R}.json``) and traceback (``{run}/errors/rank{R}.txt``); this module reads them.
+
+Single-node runs go through ``python -m sd_core.training.launch`` (`loopback_torchrun`), torchrun with its
+rendezvous bound to 127.0.0.1. Why not ``torchrun --standalone``: its agent's TCPStore listens on every
+interface (``*:PORT``, measured with ``ss -ltnp`` on torch 2.13), so anyone who can reach the machine could
+join or poison the run's store. ``--rdzv-backend=static --master-addr 127.0.0.1`` alone does not help either:
+TCPStore binds the wildcard address whatever host it is given; only a socket handed to it
+(``master_listen_fd``) decides where it listens. Multi-node runs use torchrun itself (DESIGN.md section 7).
 """
 
 from __future__ import annotations
@@ -10,17 +17,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+LOOPBACK = "127.0.0.1"
 
 
 def trainer_command(profile_name: str, data_root: Path, overrides: dict[str, Any], out: Path, run_id: str,
                     resume: str, nproc: int, extra_args: list[str]) -> list[str]:
-    """The torchrun command line of a training run (the venv's interpreter, so its torch is used)."""
+    """The torchrun command line of a training run on this machine (the venv's interpreter, so its torch is used;
+    the rendezvous on loopback, see `loopback_torchrun`)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "sd_core.training.launch", f"--nproc_per_node={nproc}",
         "-m", "sd_core.train",
         "--profile", profile_name, "--data-root", str(data_root), "--overrides", json.dumps(overrides or {}),
         "--output-dir", str(out), "--run-id", run_id, "--resume", resume, *extra_args,
@@ -78,3 +89,56 @@ def stop_trainer_processes(out: Path, grace_s: float = 10.0) -> list[int]:
         except ProcessLookupError:
             pass
     return pids
+
+
+# ----------------------------------------------------------------------------------- loopback torchrun
+def _loopback_listener() -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 and a free port (kept open: no other process can take the port
+    between choosing it and the store using it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(128)
+    return sock
+
+
+def _serve_store_on(sock: socket.socket) -> None:
+    """Make the static rendezvous' TCPStore server listen on ``sock`` instead of binding every interface.
+    Only the store created for ``sock``'s port in this (agent) process is affected; workers are separate
+    processes that connect to it as clients."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import static_tcp_rendezvous
+
+    port = sock.getsockname()[1]
+
+    class LoopbackTCPStore(dist.TCPStore):  # type: ignore[misc]
+        def __init__(self, host_name: str, port_: int, world_size: int | None = None, is_master: bool = False,
+                     *args: Any, **kwargs: Any) -> None:
+            if is_master and port_ == port and "master_listen_fd" not in kwargs:
+                kwargs["master_listen_fd"] = sock.detach()  # the store owns the descriptor from here on
+            super().__init__(host_name, port_, world_size, is_master, *args, **kwargs)
+
+    static_tcp_rendezvous.TCPStore = LoopbackTCPStore
+
+
+def loopback_argv(port: int, argv: Sequence[str]) -> list[str]:
+    """torchrun's arguments for one node whose rendezvous is 127.0.0.1:``port`` (``argv``: the rest, e.g.
+    ``--nproc_per_node=2 -m sd_core.train ...``)."""
+    return ["--nnodes=1", "--node-rank=0", "--rdzv-backend=static", f"--master-addr={LOOPBACK}",
+            f"--master-port={port}", *argv]
+
+
+def loopback_torchrun(argv: Sequence[str]) -> None:
+    """torchrun on one node with nothing listening beyond loopback: the agent's store on a socket bound to
+    127.0.0.1, gloo's and NCCL's sockets on ``lo`` (unless the caller chose an interface)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    sock = _loopback_listener()
+    _serve_store_on(sock)
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main(loopback_argv(sock.getsockname()[1], argv))
+
+
+if __name__ == "__main__":
+    loopback_torchrun(sys.argv[1:])

@@ -10,8 +10,8 @@ Recipe (DESIGN.md section 5, the seeds): latents from the memory-mapped cache
 the cached token ids (CFG dropout replaces a caption's ids with the ids of the empty prompt "", the sampler's
 unconditional convention); uniform timesteps and Gaussian noise; ε-prediction MSE with optional Min-SNR-γ
 weights; AdamW (fused on CUDA), linear warmup then cosine to lr × ``min_lr_ratio`` (1e-2;
-`sd_core.training.lr_schedule`); gradient clipping; gradient accumulation with DDP ``no_sync``; bf16 autocast on
-CUDA; EMA after every optimiser step (`sd_core.model.ema`).
+`sd_core.training.lr_schedule`); gradient clipping; gradient accumulation with DDP ``no_sync``; bf16 autocast
+(``--precision``: by default on CUDA only); EMA after every optimiser step (`sd_core.model.ema`).
 
 Defaults come from the profile (``--profile``, ``--overrides`` JSON), every recipe flag overrides its
 ``TrainConfig`` field. Checkpoints (`sd_core.training.checkpoint`) go to ``--output-dir`` every
@@ -62,10 +62,11 @@ import torch.nn.functional as F
 import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sd_core.atomic import write_json_atomic
+from sd_core import accel
+from sd_core.atomic import DiskFullError, write_json_atomic
 from sd_core.config import TrainConfig
 from sd_core.encoding import components as C
-from sd_core.encoding.latent_cache import LatentDataset
+from sd_core.encoding.latent_cache import DamagedShardError, LatentDataset
 from sd_core.model.ema import EMA
 from sd_core.model.schedulers import DDPMScheduler
 from sd_core.model.unet import UNetModel
@@ -176,7 +177,8 @@ class Run:
         return self.info.device
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        """bf16 autocast when ``train.precision`` resolves to bf16 (auto: on CUDA), on CPU too (`sd_core.accel`)."""
+        return accel.autocast(self.tcfg.precision, self.device)
 
     def predict(self, module: Callable[..., torch.Tensor], x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                 tok: torch.Tensor) -> torch.Tensor:
@@ -426,24 +428,40 @@ def checkpoint_record(settings: Settings, info: D.DistInfo, dataset: LatentDatas
 
 
 # =============================================================================================== resume
-def resume_point(settings: Settings) -> Path | None:
-    """The checkpoint to continue from: the run's latest (``auto``, if any) or the one given; ``none`` refuses a
-    run directory that already holds checkpoints."""
+def resume_point(settings: Settings, announce: bool = True) -> Path | None:
+    """The checkpoint to continue from: the run's newest intact one (``auto``, if any; a damaged newer one is
+    skipped, saying so when ``announce``) or the one given (refused when damaged); ``none`` refuses a run
+    directory that already holds checkpoints."""
     out = settings.output_dir
     if settings.resume == "auto":
-        return ckpt.latest_checkpoint(out)
+        say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if announce else None
+        return ckpt.newest_intact_checkpoint(out, say=say)
     if settings.resume != "none":
-        return ckpt.resolve_checkpoint(settings.resume)
+        path = ckpt.resolve_checkpoint(settings.resume)
+        ckpt.verify_checkpoint(path)  # sha256 of every file + finite weights, before anything is loaded
+        return path
     if ckpt.list_checkpoints(out):
         raise RuntimeError(f"{out} already holds checkpoints and --resume none was given: choose another "
                            f"--output-dir or resume")
     return None
 
 
+def _match_optimizer_state_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter optimiser state tensor its parameter's shape. Checkpoints written before the
+    SpatialTransformer's proj_in/proj_out became Linear layers hold their AdamW moments as (C, C, 1, 1); the
+    values are the same, only the view differs, and without this the first step fails on a shape mismatch."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if (torch.is_tensor(value) and value.shape != param.shape and value.dim() > 0
+                        and value.numel() == param.numel()):
+                    optimizer.state[param][key] = value.reshape(param.shape)
+
+
 def restore(settings: Settings, info: D.DistInfo, model: Model, gen: torch.Generator) -> Progress:
     """Load weights, EMA, optimiser, LR schedule, step, best losses and the RNG states from the resume point
     (a fresh :class:`Progress` without one)."""
-    path = resume_point(settings)
+    path = resume_point(settings, announce=info.is_main)
     if path is None:
         return Progress()
     saved_unet = ckpt.read_config(path).unet
@@ -451,12 +469,13 @@ def restore(settings: Settings, info: D.DistInfo, model: Model, gen: torch.Gener
         raise ckpt.CheckpointError(
             f"cannot resume from {path}: it holds a UNet of config {saved_unet}, the profile asks for "
             f"{dataclasses.asdict(settings.profile.unet)} (use another --output-dir or --resume none)")
-    state = ckpt.load_train_state(path)
+    state = ckpt.load_train_state(path, verify=False)  # resume_point verified it
     unet_sd, _ = ckpt.load_weights(path / ckpt.UNET_FILE)
     model.unet.load_state_dict(unet_sd)
     ema_sd, _ = ckpt.load_weights(path / ckpt.EMA_FILE)
     model.ema.load_state_dict({"shadow": ema_sd, **state["ema"]})
     model.optimizer.load_state_dict(state["optimizer"])
+    _match_optimizer_state_shapes(model.optimizer)
     model.lr_sched.load_state_dict(state["lr_schedule"])
     progress = Progress(step=int(state["step"]), best_loss=state.get("best_loss"),
                         best_val=state.get("best_val_loss"), resumed_from=path, last_checkpoint=str(path))
@@ -535,7 +554,8 @@ def describe_run(settings: Settings, info: D.DistInfo, data: Data, unet: UNetMod
             f"on {info.device} ({info.backend or 'no process group'}); {len(data.dataset)} latents in "
             f"{len(data.dataset.shards)} shard(s): {len(data.train_idx)} train / {len(data.val_idx)} validation; "
             f"{data.total_steps} steps of {tcfg.batch_size}x{tcfg.grad_accum}x{info.world_size} samples "
-            f"({data.batches.steps_per_epoch} steps/epoch); output {settings.output_dir}"
+            f"({data.batches.steps_per_epoch} steps/epoch); precision "
+            f"{accel.resolve_precision(tcfg.precision, info.device)}; output {settings.output_dir}"
             + (f"; resumed from {progress.resumed_from} at step {progress.step}" if progress.resumed_from else ""))
 
 
@@ -758,8 +778,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"sd train: error: {e}", file=sys.stderr)
         return 2
+    # up front: without a compiler inductor fails in the first forward pass, with a traceback that hides why
+    problem = accel.compile_toolchain_problem(D.device_type(settings.device)) if settings.train.compile else None
+    if problem:
+        print(f"sd train: error: {problem}", file=sys.stderr)
+        return 2
     try:
         train(settings)
+    except (ckpt.CheckpointError, DamagedShardError, DiskFullError) as e:  # damaged input, full disk: one line
+        _record_error(settings.output_dir)
+        print(f"sd train: error: {e}", file=sys.stderr)
+        return 1
     except BaseException:
         _record_error(settings.output_dir)
         raise

@@ -1,0 +1,191 @@
+"""img2dataset's child process, guarded: ``python -m sd_core.data.download_guard ARGS.json``.
+
+`sd_core.data.shards` starts this module (never ``img2dataset`` directly) with the URL policy's allow-list
+in `POLICY_ENV` and its own pid in `PARENT_ENV`. Before img2dataset downloads anything:
+
+- **The URL policy, in every process that fetches.** img2dataset's multiprocessing distributor *spawns* its
+  workers (``get_context("spawn")``: fresh interpreters, so nothing patched here would reach them), and they
+  fetch with ``urllib.request.urlopen``. So img2dataset's ``Downloader`` is replaced by
+  `sd_core.data.guarded_downloader.GuardedDownloader`, which img2dataset pickles into each worker by
+  reference: its first call there installs the guard from the (inherited) environment
+  (`install_in_worker`), and prints `WORKER_MARK` so the parent can check it happened. The guard is
+  an urllib opener whose ``default_open`` runs before any scheme handler, for every request and every
+  redirect, refusing what `UrlPolicy.url_refusal` refuses (``file:``, ``data:``, ``ftp:``, literal private
+  addresses, ``localhost``; there is no proxy handler, so environment proxies are not used), and a check in
+  ``socket.socket.connect`` of the address actually connected to after DNS (`UrlPolicy.address_refusal`).
+  Refusals surface as img2dataset's per-row ``error_message``, starting with ``url policy``.
+- **It dies with its parent.** A thread polls ``os.getppid()``; when the launching process is gone (even
+  SIGKILLed, which runs none of its cleanup) it SIGKILLs this whole process group, workers and img2dataset's
+  logger process included (they share the group: the parent starts this one in a new session).
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+from sd_core.data.url_policy import REFUSAL_PREFIX, UrlPolicy
+
+POLICY_ENV = "SD_URL_POLICY_ALLOW"  # JSON list of allow-list entries (`sd_core.data.url_policy`)
+PARENT_ENV = "SD_DOWNLOAD_PARENT_PID"
+WORKER_MARK = "url policy guard active in downloader process"
+PARENT_POLL_S = 0.2
+EXIT_PARENT_GONE = 70
+
+_installed: UrlPolicy | None = None  # this process's guard, once installed
+
+
+class UrlPolicyRefusal(OSError):
+    """A connection the URL policy refused (an OSError, so urllib reports it like any failed connect)."""
+
+
+class _PolicyHandler(urllib.request.BaseHandler):
+    """Refuses a request before any scheme handler sees it (``default_open`` runs first, redirects too)."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+
+    def default_open(self, req: urllib.request.Request) -> None:
+        refusal = self.policy.url_refusal(req.full_url)
+        if refusal is None:
+            return None  # go on to the http/https handler
+        if getattr(req, "redirect_dict", None):  # set by HTTPRedirectHandler on the request it follows
+            refusal = refusal.replace(REFUSAL_PREFIX, f"{REFUSAL_PREFIX}: redirect refused", 1)
+        raise urllib.error.URLError(refusal)
+
+
+class _PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Refuses a redirect to a URL the policy refuses, with the policy's reason (urllib's own scheme check
+    would refuse ``file:`` with a message that does not say why, and let ``ftp:`` through)."""
+
+    def __init__(self, policy: UrlPolicy) -> None:
+        self.policy = policy
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = headers.get("location") or headers.get("uri")
+        refusal = self.policy.url_refusal(urljoin(req.full_url, target)) if target else None
+        if refusal is not None:
+            fp.close()
+            raise urllib.error.URLError(refusal.replace(REFUSAL_PREFIX, f"{REFUSAL_PREFIX}: redirect refused", 1))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _checked_address(policy: UrlPolicy, family: int, address: Any) -> Any:
+    """The address to connect to, or `UrlPolicyRefusal`. A host name is resolved here and the checked
+    numeric address returned, so no second lookup can answer differently (DNS rebinding)."""
+    host, port = address[0], address[1]
+    try:
+        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        address = infos[0][4]
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    refusal = policy.address_refusal(ip, port)
+    if refusal is not None:
+        raise UrlPolicyRefusal(refusal)
+    return address
+
+
+def _guard_sockets(policy: UrlPolicy) -> None:
+    """Check every IPv4/IPv6 ``connect``/``connect_ex`` of this process (ssl sockets go through these too)."""
+    plain_connect, plain_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            address = _checked_address(policy, self.family, address)
+        return plain_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            address = _checked_address(policy, self.family, address)
+        return plain_connect_ex(self, address)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+
+
+def install_guard(policy: UrlPolicy) -> UrlPolicy:
+    """Install the URL policy in this process (idempotent: the first policy stays); returns the one in force."""
+    global _installed
+    if _installed is None:
+        resolved = policy.with_resolved_names()
+        _guard_sockets(resolved)
+        # No ProxyHandler entries: a proxy would do the connecting, out of the socket check's sight.
+        urllib.request.install_opener(urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), _PolicyHandler(resolved), _PolicyRedirectHandler(resolved)))
+        _installed = resolved
+    return _installed
+
+
+def install_from_env() -> UrlPolicy:
+    """`install_guard` with the allow-list from `POLICY_ENV`; refuses to run without one (fail closed)."""
+    raw = os.environ.get(POLICY_ENV)
+    if raw is None:
+        raise RuntimeError(f"{POLICY_ENV} is not set: refusing to download without the URL policy "
+                           "(start downloads through sd_core.data.shards)")
+    return install_guard(UrlPolicy.from_entries(json.loads(raw)))
+
+
+def install_in_worker() -> None:
+    """`install_from_env`, announcing `WORKER_MARK` on this process's first call (for the parent's check)."""
+    first = _installed is None
+    install_from_env()
+    if first:
+        print(f"{WORKER_MARK} (pid {os.getpid()})", flush=True)
+
+
+def watch_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> threading.Thread:
+    """Start a daemon thread that SIGKILLs this process group as soon as ``parent_pid`` is no longer our
+    parent (it died: we were re-parented). Only a group this process leads (its own session, as
+    `sd_core.data.shards` starts it): never the group of whoever else started it."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="sd-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def main(argv: list[str]) -> int:
+    """Run ``img2dataset.download(**json(argv[1]))`` guarded (see module doc)."""
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    if parent and os.getppid() != parent:
+        return EXIT_PARENT_GONE  # the launcher died before we got here
+    if parent:
+        watch_parent(parent)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    install_from_env()
+    args = json.loads(Path(argv[1]).read_text())
+    # Imported here, not at the top: the parent imports this module for its constants. By importlib: the
+    # package's __init__ shadows its submodule ``main`` with the function of that name.
+    i2d_main = importlib.import_module("img2dataset.main")
+    from sd_core.data.guarded_downloader import GuardedDownloader
+
+    i2d_main.Downloader = GuardedDownloader  # type: ignore[misc] # download() builds its Downloader by this name
+    i2d_main.download(**args)
+    return 0
+
+
+if __name__ == "__main__":
+    from sd_core.data.download_guard import main as _named_main  # one module copy, not __main__ and another
+
+    sys.exit(_named_main(sys.argv))
