@@ -21,13 +21,13 @@ install: $(BIN)/python
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Three workers (pytest-xdist), one test file each at a time: much of the suite waits on subprocesses (the
-# dagster CLI, daemons, torchrun, img2dataset) and torch tests run on one thread, so three files side by side
-# keep a 2-core machine busy (one worker: ~14 min, two: ~9); `--dist loadfile` keeps a file's module fixtures
-# and ordered test classes in one worker.
-TEST_WORKERS ?= 3
+# Two workers (pytest-xdist): much of the suite waits on subprocesses (the dagster CLI, daemons, torchrun,
+# img2dataset), so two test files side by side keep a 2-core machine busy (one worker: ~14 min, two: ~9; three
+# were slower). `--dist loadfile` keeps a file's module fixtures and ordered test classes in one worker;
+# `--no-loadscope-reorder` keeps tests/conftest.py's slowest-files-first order, so no long file is left for last.
+TEST_WORKERS ?= 2
 test:
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow:
 	$(BIN)/python -m pytest -q -m slow
