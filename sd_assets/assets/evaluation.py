@@ -14,14 +14,12 @@ materialisation adds nothing). Every scored step is also kept in ``{run_dir}/eva
 ``sd generate --which best`` reads).
 """
 
-import io
-import base64
 from pathlib import Path
 from typing import Any, Iterator
 
 import dagster as dg
 
-from sd_assets.assets.sampling import lineage_metadata, upstream_checkpoint
+from sd_assets.assets.sampling import lineage_metadata, png_b64, upstream_checkpoint
 from sd_assets.assets.training import unet_checkpoint
 from sd_assets.resources import SDConfig
 from sd_core.evaluation.checkpoint_eval import (EvalSettings, Evaluator, EvaluationError, StepScore, best_summary,
@@ -85,9 +83,7 @@ def previous_summaries(instance: dg.DagsterInstance, run_dir: Path) -> list[dict
 def _grid_markdown(score: StepScore) -> str:
     grid = score.grid.copy()
     grid.thumbnail((GRID_MAX_SIDE, GRID_MAX_SIDE))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG", optimize=True)
-    return f"![step {score.step} grid](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')})"
+    return f"![step {score.step} grid](data:image/png;base64,{png_b64(grid)})"
 
 
 def step_metadata(score: StepScore, run_dir: Path, best: dict[str, Any] | None, metric_name: str) -> dict[str, Any]:
@@ -98,7 +94,7 @@ def step_metadata(score: StepScore, run_dir: Path, best: dict[str, Any] | None, 
         "checkpoint_key": score.key,
         "run_dir": dg.MetadataValue.path(str(run_dir)),
         **lineage_metadata(score.record),
-        **{k: v for k, v in score.metrics.items()},
+        **score.metrics,
         "grid": dg.MetadataValue.md(_grid_markdown(score)),
         "grid_path": dg.MetadataValue.path(str(score.grid_path)),
         "eval_seconds": round(score.seconds, 2),
