@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 DATA_ROOT ?= data
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test test-slow demo dev browser bench bench-gpu validate clean
+.PHONY: install test test-slow demo dev browser postgres spark bench bench-gpu validate clean
 
 # `make install` also installs the headless browser tests/test_browser.py drives (see `browser`), so the README's
 # two commands (`make install`, then `make test`) pass on a fresh machine as written.
@@ -29,7 +29,7 @@ TEST_WORKERS ?= 2
 test:
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test-slow:
+test-slow: postgres spark
 	$(BIN)/python -m pytest -q -m slow
 
 validate:
@@ -62,6 +62,25 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		{ $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } \
 		|| echo "make browser: could not install chromium (needs apt-get as root); tests/test_browser.py will fail"; fi
+
+# Debian's PostgreSQL server for tests/test_postgres_instance.py, which starts its own throwaway cluster
+# (needs root or sudo). Idempotent.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "postgres: $$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"; else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql; } \
+		|| echo "make postgres: could not install postgresql (needs apt-get as root); tests/test_postgres_instance.py will fail"; fi
+
+# Java (Debian's default-jre-headless; needs root or sudo) and pyspark (the `spark` extra, into $(VENV)) for
+# `download.distributor: pyspark` and tests/test_spark_download.py. Idempotent.
+spark: $(BIN)/python
+	@if command -v java >/dev/null 2>&1; then echo "java: $$(java -version 2>&1 | head -1)"; else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq default-jre-headless; } \
+		|| echo "make spark: could not install Java (needs apt-get as root or sudo); download.distributor pyspark will be refused"; fi
+	@$(BIN)/python -c "import pyspark; print('pyspark:', pyspark.__version__)" 2>/dev/null \
+		|| $(BIN)/python -m pip install -q -e ".[spark]"
 
 # Every benchmarks/bench_*.py prints its figures as a markdown section; copy them into BENCHMARKS.md.
 bench:

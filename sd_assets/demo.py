@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from sd_assets.demo_report import StageRun, stage_lines
+
 if TYPE_CHECKING:  # dagster is imported lazily: --init-home stays fast
     import dagster as dg
 
@@ -50,13 +52,24 @@ DEFS_MODULE = "sd_assets.definitions"
 
 DAGSTER_YAML = """\
 # Dagster instance for sd-pipeline (written by `python -m sd_assets.demo`; edit freely, it is not rewritten).
-# Storage: SQLite files in this folder. Several concurrent writers lock SQLite: use dagster-postgres
-# (`storage: postgres: ...`) for a shared or busy deployment (README.md, Scale-out).
+# Storage: SQLite files in this folder. Several concurrent writers lock SQLite: for a shared or busy
+# deployment (more concurrent runs) use Postgres (`pip install dagster-postgres`; README.md, Scale-out):
+# uncomment this block and set the variables (tests/test_postgres_instance.py runs it with 3 runs at once).
+# storage:
+#   postgres:
+#     postgres_db:
+#       username: {env: DAGSTER_PG_USERNAME}
+#       password: {env: DAGSTER_PG_PASSWORD}
+#       hostname: {env: DAGSTER_PG_HOST}
+#       port: {env: DAGSTER_PG_PORT}
+#       db_name: {env: DAGSTER_PG_DB}
+#       scheme: postgresql+psycopg2  # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3, not installed
 telemetry:
   enabled: false
 # Runs from the UI, backfills, sensors and schedules queue here; the daemon (`dagster dev`,
-# `dagster-daemon run`) starts at most this many at once. GPU steps also take a slot of the `gpu`
-# pool: `dagster instance concurrency set gpu 1`.
+# `dagster-daemon run`) starts at most this many at once (on Postgres, 3 or more). GPU steps also take a
+# slot of the `gpu` pool: `dagster instance concurrency set gpu 1` (a queued run whose GPU step would wait
+# stays queued until a slot is free).
 run_queue:
   max_concurrent_runs: 2
 # Loading the code location imports torch: give slow machines time.
@@ -276,11 +289,14 @@ class Demo:
         print(f"sd-pipeline demo: data root {self.data_root}, DAGSTER_HOME {self.home}")
         print("stages: " + " -> ".join(
             ("[shard] " if s.partitioned else "") + ",".join(k.to_user_string() for k in s.keys) for s in stages))
+        runs: list[StageRun] = []
         with dg.DagsterInstance.get() as instance:
             fresh = Freshness(instance, graph, code_versions)
             for i, stage in enumerate(stages, 1):
                 partitions: list[str | None] = (
                     list(instance.get_dynamic_partitions(shards.name)) if stage.partitioned else [None])
+                runs.append(StageRun(("[shard] " if stage.partitioned else "")
+                                     + ",".join(k.to_user_string() for k in stage.keys)))
                 if stage.partitioned and not partitions:
                     print(f"[{i}/{len(stages)}] no shard partitions registered: nothing to do for "
                           + ",".join(k.to_user_string() for k in stage.keys))
@@ -298,9 +314,15 @@ class Demo:
                     log = logs / f"{i:02d}-{names.replace(',', '+')}{'-' + part if part else ''}.log"
                     self.materialize([k for k, _ in todo], part, config_path, log)
                     fresh.ran |= {(k, part) for k, _ in todo}
+                    runs[-1].seconds += time.monotonic() - t0
+                    runs[-1].partitions += 1
+                    for k, _ in todo:
+                        if (record := fresh.latest(k, part)) is not None:
+                            runs[-1].add(k.to_user_string(), _values(record))
                     print(f"[{i}/{len(stages)}]{where} done in {time.monotonic() - t0:.0f} s", flush=True)
             result = summarize(stages, fresh)
             result["evaluation"] = evaluation_summary(instance)
+        result["stages"] = runs
         result["total_s"] = time.monotonic() - t_start
         return result
 
@@ -426,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         chance = result.get("chance")
         print(f"prompt adherence: {result['score']:.0%}" + (f" (chance {chance:.0%})" if chance else ""))
     for line in evaluation_lines(result.get("evaluation")):
+        print(line)
+    for line in stage_lines(result["stages"]):
         print(line)
     print(f"UI: make dev (DAGSTER_HOME={data_root / 'dagster_home'})")
     return 0

@@ -482,7 +482,8 @@ class DownloadConfig(Checked):
     LIMITS = {"shard_size": at_least(1), "image_size": at_least(1),
               "resize_mode": one_of("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"),
               "encode_quality": within(1, 100), "processes_count": at_least(1), "thread_count": at_least(1),
-              "timeout_s": at_least(1), "retries": at_least(0), "watchdog_s": above(0), "max_runtime_s": above(0)}
+              "timeout_s": at_least(1), "retries": at_least(0), "watchdog_s": above(0), "max_runtime_s": above(0),
+              "distributor": one_of("multiprocessing", "pyspark")}  # no ray: without it img2dataset does nothing
 
     shard_size: int = 10_000
     image_size: int = 512
@@ -494,6 +495,8 @@ class DownloadConfig(Checked):
     retries: int = 0
     watchdog_s: float = 600.0  # kill a shard download whose output makes no progress for this long
     max_runtime_s: float | None = None  # kill a shard download that runs longer than this in total
+    distributor: str = "multiprocessing"  # img2dataset's; pyspark: one Spark session per shard (`make spark`)
+    spark_master: str = "local[2]"  # pyspark only: local[N], or a cluster's spark://HOST:7077
 
 
 # ------------------------------------------------------------------------------------ frozen models
@@ -507,13 +510,14 @@ class ComponentsConfig(Checked):
     The ``tiny_*`` and ``vae_fit_*`` fields shape that build only: a word-level tokenizer over the synthetic
     vocabulary, a seeded random ``CLIPTextModel`` (hidden = ``UNetConfig.ctx_dim``) and an ``AutoencoderKL``
     with ``tiny_vae_channels`` (len - 1 halvings: 64 px → 16×16 latents) fitted for ``vae_fit_steps`` steps
-    or ``vae_fit_seconds``, whichever comes first. ``tokenizer`` empty: same source as ``text_encoder``.
+    of ``vae_fit_batch_size`` renders (a step budget: the same VAE on every machine, however fast).
+    ``tokenizer`` empty: same source as ``text_encoder``.
     """
 
     LIMITS = {"max_length": at_least(2), "seed": at_least(0), "tiny_text_layers": at_least(1),  # 2: BOS + EOS
               "tiny_text_heads": at_least(1), "tiny_vae_channels": at_least(1, nonempty=True),
               "tiny_vae_layers_per_block": at_least(1), "tiny_vae_norm_groups": at_least(1),
-              "vae_fit_seconds": at_least(0), "vae_fit_steps": at_least(0), "vae_fit_batch_size": at_least(1),
+              "vae_fit_steps": at_least(0), "vae_fit_batch_size": at_least(1),
               "vae_fit_lr": above(0)}
 
     vae: str = "stabilityai/sd-vae-ft-mse"
@@ -527,8 +531,7 @@ class ComponentsConfig(Checked):
     tiny_vae_channels: tuple[int, ...] = (16, 32, 32)
     tiny_vae_layers_per_block: int = 1
     tiny_vae_norm_groups: int = 1  # GroupNorm groups; few groups keep absolute colour (see sd_core.encoding.vae_fit)
-    vae_fit_seconds: float = 180.0  # tiny VAE fitting budget (wall clock)
-    vae_fit_steps: int | None = None  # cap on fitting steps (None: the time budget alone)
+    vae_fit_steps: int = 800  # 24.4 dB; the prompt scorer reads 0.99 of its reconstructions right (BENCHMARKS.md)
     vae_fit_batch_size: int = 16
     vae_fit_lr: float = 3e-3
 
@@ -571,7 +574,7 @@ class TrainConfig(Checked):
     LIMITS = {"batch_size": at_least(1), "grad_accum": at_least(1), "lr": above(0), "min_lr_ratio": within(0, 1),
               "weight_decay": at_least(0), "warmup_steps": at_least(0), "max_steps": at_least(1),
               "epochs": at_least(1), "seed": at_least(0), "min_snr_gamma": above(0),
-              "cfg_dropout": within(0, 1, hi_open=True), "ema_decay": within(0, 1), "grad_clip": above(0),
+              "noise_offset": at_least(0), "cfg_dropout": within(0, 1, hi_open=True), "ema_decay": within(0, 1), "grad_clip": above(0),
               "checkpoint_every": at_least(1), "keep_last": at_least(1), "log_every": at_least(1),
               "val_share": within(0, 1, hi_open=True), "val_every": at_least(1), "val_max_samples": at_least(0),
               "num_workers": at_least(0), "nproc_per_node": at_least(1),
@@ -587,6 +590,17 @@ class TrainConfig(Checked):
     epochs: int | None = None
     seed: int = 0
     min_snr_gamma: float | None = 5.0
+    # Offset noise: each image's noise gets a per-channel constant of this std. With plain Gaussian noise a
+    # noised latent's channel means still show the clean image's means at every training timestep (SD's
+    # terminal SNR is not zero), so the model reads global colour (the background) off its input instead of
+    # learning it from the caption, and at sampling, from pure noise, picks it at random.
+    noise_offset: float = 0.0
+    # What the UNet predicts (ε as SD 1.x, or v) and whether the schedule ends at ᾱ = 0 (needs v): a zero
+    # terminal SNR removes the clean image's trace from the noisiest training inputs, so the caption alone
+    # must decide overall colour (`sd_core.model.schedulers`). Both are recorded in every checkpoint and
+    # select the sampler (DDIM, trailing spacing with a zero terminal SNR) and the exported scheduler config.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    zero_terminal_snr: bool = False
     cfg_dropout: float = 0.1
     ema_decay: float = 0.9999
     grad_clip: float = 1.0
@@ -605,6 +619,12 @@ class TrainConfig(Checked):
     wandb: bool = False
     wandb_mode: str = "offline"
     wandb_project: str = "sd-pipeline"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ConfigError("train.zero_terminal_snr = True needs train.prediction_type = 'v_prediction' "
+                              "(ε-prediction is undefined where the schedule reaches ᾱ = 0)")
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -701,8 +721,15 @@ class Profile(Checked):
             encode=EncodeConfig(resolution=64, batch_size=64, decode_workers=1),
             unet=UNetConfig.tiny(),
             train=TrainConfig(
-                batch_size=32, lr=1e-3, warmup_steps=50, max_steps=1500, min_snr_gamma=5.0, ema_decay=0.999,
-                checkpoint_every=500, log_every=25, val_every=250, val_share=0.05, val_max_samples=256,
+                # noise_offset 0.4: on 16×16 latents a channel's mean noise is only 1/16, so 0.1 (diffusers'
+                # usual) left the clean background readable off the noisiest inputs: background accuracy
+                # 0.42 at 600 steps, 0.96 with 0.4 (BENCHMARKS.md, the demo's levers)
+                # 2 processes × 16 (global batch 32), one OpenMP thread each: 99 samples/s idle and 57 next to
+                # a busy process on 2 cores, where one process × 2 threads gave ~90 and 2.5 (its threads
+                # spin-wait for each other): benchmarks/bench_train_threads.py
+                batch_size=16, nproc_per_node=2,
+                lr=1e-3, warmup_steps=50, max_steps=1500, min_snr_gamma=5.0, noise_offset=0.4,
+                ema_decay=0.999, checkpoint_every=750, log_every=25, val_every=250, val_share=0.05, val_max_samples=256,
                 num_workers=0,
             ),
             sample=SampleConfig(

@@ -47,8 +47,8 @@ def test_tiny_build_reconstructs_and_records_itself(tiny_built, tiny_profile, tm
     # same settings → the existing build is reused (no second fit), digest unchanged
     again = build_tiny_components(p, log=None)
     assert again["digest"] == info["digest"] == components_digest(p)
-    # the config-only version ignores the wall-clock budget but follows the build settings
-    assert components_version(p) == components_version(p.with_overrides({"components": {"vae_fit_seconds": 1}}))
+    # the config-only version follows the build settings, the fit's step budget included
+    assert components_version(p) != components_version(p.with_overrides({"components": {"vae_fit_steps": 1}}))
     assert components_version(p) != components_version(p.with_overrides({"components": {"seed": 1}}))
 
 

@@ -96,10 +96,10 @@ def test_bad_override_values_are_refused_naming_section_field_value_and_range(ov
 
 
 def test_good_overrides_are_normalised_not_refused(tmp_path):
-    p = get_profile("tiny", tmp_path, {"components": {"vae_fit_seconds": 3}, "sample": {"seeds": [5, 6]},
+    p = get_profile("tiny", tmp_path, {"components": {"vae_fit_lr": 3}, "sample": {"seeds": [5, 6]},
                                        "train": {"max_steps": None, "epochs": 2, "min_snr_gamma": None},
                                        "data_root": str(tmp_path / "elsewhere")})
-    assert p.components.vae_fit_seconds == 3.0 and type(p.components.vae_fit_seconds) is float  # ints widen
+    assert p.components.vae_fit_lr == 3.0 and type(p.components.vae_fit_lr) is float  # ints widen
     assert p.sample.seeds == (5, 6) and p.data_root == tmp_path / "elsewhere"
     assert (p.train.max_steps, p.train.epochs, p.train.min_snr_gamma) == (None, 2, None)
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import time
@@ -110,6 +112,16 @@ def test_the_demo_ends_with_the_grid_and_its_score(demo):
     # and the final and best checkpoints' accuracies from checkpoint_eval
     assert "checkpoint_eval: " in out and "final step 4: colour " in out and "whole prompt" in out, out[-3000:]
     assert "best  step 4" in out and "ceiling, true renders: colour 100%" in out
+
+
+def test_the_demo_says_what_it_trained_and_how_long_each_stage_took(demo):
+    # steps and samples (what decides the model, the same on any machine), then the seconds and the CPU
+    out = demo.first.stdout
+    table = out[out.index("what ran ("):]
+    assert f"{os.cpu_count()} CPUs" in table.splitlines()[0]
+    assert "VAE fit 4 steps" in table  # configs/demo-fast.yaml: vae_fit_steps 4
+    assert "UNet 4 steps x 16 = 64 samples" in table and "2 process(es)" in table  # 4 steps, 2 × batch 8
+    assert re.search(r"\[shard\] image_shards,latents +\d+ s +\d[\d,]* images; \d[\d,]* latents", table), table
 
 
 def test_the_demo_prints_final_and_best_checkpoint_accuracies():

@@ -146,3 +146,58 @@ def test_no_diffusers_import_in_schedulers():
 
     src = inspect.getsource(mod)
     assert "import diffusers" not in src and "from diffusers" not in src
+
+
+# ------------------------------------------------------------ zero terminal SNR + v-prediction (Lin et al. 2024)
+def ref_zero_snr_ddim():
+    return diffusers.DDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                   timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                                   prediction_type="v_prediction")
+
+
+def test_zero_terminal_snr_schedule_is_diffusers_and_ends_at_zero():
+    ours = DDPMScheduler(zero_terminal_snr=True, prediction_type="v_prediction")
+    ref = diffusers.DDPMScheduler(**SD15, clip_sample=False, rescale_betas_zero_snr=True,
+                                  prediction_type="v_prediction")
+    assert torch.equal(ours.betas, ref.betas) and torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    assert ours.alphas_cumprod[999].item() == 0.0 and ours.snr(torch.tensor([999])).item() == 0.0
+    # the noisiest SD 1.x input still carries 6.8 % of the clean latent; this one none
+    assert DDPMScheduler().alphas_cumprod[999].item() ** 0.5 == pytest.approx(0.0683, abs=1e-4)
+
+
+def test_velocity_target_and_implied_epsilon():
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 400, 900, 998, 999])
+    ours = DDPMScheduler(zero_terminal_snr=True, prediction_type="v_prediction")
+    ref = diffusers.DDPMScheduler(**SD15, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    v = ours.target(x0, noise, t)
+    assert torch.allclose(v, ref.get_velocity(x0, noise, t), atol=1e-6)
+    # a perfect v-prediction implies the true ε (what the ε-MSE metrics compare), even at ᾱ = 0
+    xt = ours.add_noise(x0, noise, t)
+    assert torch.allclose(ours.epsilon(v, xt, t), noise, atol=1e-5)
+    assert torch.equal(DDPMScheduler().target(x0, noise, t), noise)  # ε-prediction: the noise itself
+
+
+def test_v_prediction_ddim_trailing_matches_diffusers_step_for_step():
+    ours, ref = DDIMScheduler(timestep_spacing="trailing", zero_terminal_snr=True, prediction_type="v_prediction"), \
+        ref_zero_snr_ddim()
+    ours.set_timesteps(30)
+    ref.set_timesteps(30)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist() and ours.timesteps[0].item() == 999
+    g = torch.Generator().manual_seed(4)
+    a = b = torch.randn(2, 4, 16, 16, generator=g)
+    for t in ours.timesteps:
+        out = torch.randn(2, 4, 16, 16, generator=g)
+        a, b = ours.step(out, t, a), ref.step(out, t, b).prev_sample
+    assert torch.equal(a, b)
+    cfg = ours.config_dict()
+    assert (cfg["prediction_type"], cfg["rescale_betas_zero_snr"], cfg["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")
+
+
+def test_zero_terminal_snr_without_v_prediction_is_refused():
+    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type='v_prediction'"):
+        DDPMScheduler(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        DDIMScheduler(prediction_type="sample")

@@ -3,6 +3,7 @@ exact resume, NaN injection, and a loss that falls on structured synthetic laten
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -98,7 +99,7 @@ def test_validation_split_is_disjoint_deterministic_and_stable(profile):
 
 # -------------------------------------------------------------------------------------- training runs
 def test_exact_resume_matches_an_uninterrupted_run(profile, tmp_path):
-    flags = dict(max_steps=6, checkpoint_every=3, grad_accum=2, cfg_dropout=0.3)
+    flags = dict(max_steps=6, checkpoint_every=3, grad_accum=2, cfg_dropout=0.3, noise_offset=0.3)  # all RNG draws
     assert train.main(_argv(profile, tmp_path / "straight", **flags)) == 0
     assert train.main(_argv(profile, tmp_path / "resumed", "--stop-after", "3", **flags)) == 0
     assert ck.latest_checkpoint(tmp_path / "resumed").name == "step_00000003"
@@ -151,6 +152,32 @@ def test_loss_falls_on_structured_latents(profile, tmp_path):
     assert math.isfinite(last) and last < 0.8 * first, (first, last)
     val = [(r["step"], r["val_loss"]) for r in read_metrics(out) if r["kind"] == "val"]
     assert [s for s, _ in val] == [0, 40] and val[-1][1] < val[0][1]
+
+
+def test_v_prediction_on_a_zero_terminal_snr_schedule_trains_and_selects_its_sampler(profile, tmp_path):
+    from sd_core.sampling.generate import schedule_of
+    from sd_core.model.schedulers import sampler_for
+
+    out = tmp_path / "vz"
+    assert train.main(_argv(profile, out, "--prediction-type", "v_prediction", "--zero-terminal-snr",
+                            max_steps=4, checkpoint_every=4, val_every=4)) == 0
+    losses = [l for _, l in _train_losses(out)]
+    assert len(losses) == 4 and all(math.isfinite(l) for l in losses)
+    record = ck.read_config(out)
+    assert (record.train["prediction_type"], record.train["zero_terminal_snr"]) == ("v_prediction", True)
+    sampler = sampler_for(*schedule_of(record))  # what sd generate, sample_grid and checkpoint_eval use
+    sampler.set_timesteps(30)
+    assert sampler.timesteps[0].item() == 999 and sampler.alphas_cumprod[999].item() == 0.0
+    cfg = sampler.config_dict()  # what sd export-diffusers writes as the pipeline's scheduler
+    assert (cfg["prediction_type"], cfg["rescale_betas_zero_snr"], cfg["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")
+    # a checkpoint from before the settings existed samples as SD 1.x
+    assert schedule_of(dataclasses.replace(record, train={})) == ("epsilon", False)
+
+
+def test_a_zero_terminal_snr_without_v_prediction_is_refused_naming_both_fields(profile, tmp_path, capsys):
+    assert train.main(_argv(profile, tmp_path / "bad", "--zero-terminal-snr")) == 2
+    assert "train.zero_terminal_snr = True needs train.prediction_type = 'v_prediction'" in capsys.readouterr().err
 
 
 def test_adamw_moments_saved_with_conv_shapes_resume_into_linear_projections():

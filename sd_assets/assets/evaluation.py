@@ -38,7 +38,7 @@ GRID_MAX_SIDE = 1024  # the inline grid is downscaled to this (sd15 grids are 20
 class EvalAssetConfig(dg.Config):
     """Run config of `checkpoint_eval` (sampler settings come from the profile's ``sample`` section)."""
 
-    seeds_per_prompt: int = 3  # tiny: seeds per (colour, shape, background); 36 prompts × this many images
+    seeds_per_prompt: int = 4  # tiny: seeds per (colour, shape, background); 36 prompts × this many images
     eps_buckets: int = 10  # validation ε-MSE timestep buckets over [0, 1000)
     clip_model: str = ""  # sd15: CLIPModel id or folder for CLIP score / CLIP-FD; "" = the text encoder's source
     clip_prompts: int = 64  # sd15: held-out captions generated per checkpoint

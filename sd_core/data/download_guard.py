@@ -8,12 +8,17 @@ in `POLICY_ENV` and its own pid in `PARENT_ENV`. Before img2dataset downloads an
   fetch with ``urllib.request.urlopen``. So img2dataset's ``Downloader`` is replaced by
   `sd_core.data.guarded_downloader.GuardedDownloader`, which img2dataset pickles into each worker by
   reference: its first call there installs the guard from the (inherited) environment
-  (`install_in_worker`), and prints `WORKER_MARK` so the parent can check it happened. The guard is
+  (`install_in_worker`), prints `WORKER_MARK`, and leaves a mark file for the shard it is about to download
+  (`leave_guard_mark`): the parent commits a shard only with its mark. The guard is
   an urllib opener whose ``default_open`` runs before any scheme handler, for every request and every
   redirect, refusing what `UrlPolicy.url_refusal` refuses (``file:``, ``data:``, ``ftp:``, literal private
   addresses, ``localhost``; there is no proxy handler, so environment proxies are not used), and a check in
   ``socket.socket.connect`` of the address actually connected to after DNS (`UrlPolicy.address_refusal`).
   Refusals surface as img2dataset's per-row ``error_message``, starting with ``url policy``.
+- **On Spark** (``distributor: pyspark``), the downloads run in Spark's Python workers (forked by its
+  ``pyspark.daemon``): `GuardedDownloader` is pickled into them the same way and installs the same guard
+  from ``spark.executorEnv`` there, and leaves the same mark (a shared output folder: on a cluster, where the
+  executors' output is in their own logs). This process only drives its Spark session (`_download_on_spark`).
 - **It dies with its parent.** A thread polls ``os.getppid()``; when the launching process is gone (even
   SIGKILLed, which runs none of its cleanup) it SIGKILLs this whole process group, workers and img2dataset's
   logger process included (they share the group: the parent starts this one in a new session).
@@ -41,8 +46,11 @@ from sd_core.data.url_policy import REFUSAL_PREFIX, UrlPolicy
 POLICY_ENV = "SD_URL_POLICY_ALLOW"  # JSON list of allow-list entries (`sd_core.data.url_policy`)
 PARENT_ENV = "SD_DOWNLOAD_PARENT_PID"
 WORKER_MARK = "url policy guard active in downloader process"
+GUARD_MARK_DIR = "_url_guard"  # in img2dataset's output folder: one mark per shard downloaded (leave_guard_mark)
+SPARK_MASTER_ARG = "spark_master"  # in ARGS.json with distributor pyspark; not an img2dataset argument
 PARENT_POLL_S = 0.2
 EXIT_PARENT_GONE = 70
+EXIT_NO_SPARK = 71
 
 _installed: UrlPolicy | None = None  # this process's guard, once installed
 
@@ -131,13 +139,18 @@ def install_guard(policy: UrlPolicy) -> UrlPolicy:
     return _installed
 
 
-def install_from_env() -> UrlPolicy:
-    """`install_guard` with the allow-list from `POLICY_ENV`; refuses to run without one (fail closed)."""
+def allow_entries_from_env() -> list[str]:
+    """The allow-list in `POLICY_ENV`; refuses to run without one (fail closed)."""
     raw = os.environ.get(POLICY_ENV)
     if raw is None:
         raise RuntimeError(f"{POLICY_ENV} is not set: refusing to download without the URL policy "
                            "(start downloads through sd_core.data.shards)")
-    return install_guard(UrlPolicy.from_entries(json.loads(raw)))
+    return list(json.loads(raw))
+
+
+def install_from_env() -> UrlPolicy:
+    """`install_guard` with the allow-list from `POLICY_ENV` (fail closed without one)."""
+    return install_guard(UrlPolicy.from_entries(allow_entries_from_env()))
 
 
 def install_in_worker() -> None:
@@ -146,6 +159,22 @@ def install_in_worker() -> None:
     install_from_env()
     if first:
         print(f"{WORKER_MARK} (pid {os.getpid()})", flush=True)
+
+
+def leave_guard_mark(output_folder: str, shard_id: int) -> None:
+    """Write ``{output_folder}/_url_guard/{shard_id:05d}-{host}-{pid}``: this process's guard is installed and
+    it is about to download that shard. The parent commits a shard only with its mark (`GUARD_MARK_DIR`):
+    a file next to the shard, because on a Spark cluster the workers' output is in the executors' logs, not
+    ours. Written with fsspec, like img2dataset's own output. Raises, never guesses, when there is no guard."""
+    if _installed is None:
+        raise RuntimeError("leave_guard_mark before the URL policy guard was installed")
+    import fsspec  # img2dataset's dependency: imported in its workers only
+
+    host, pid = socket.gethostname(), os.getpid()
+    fs, root = fsspec.core.url_to_fs(output_folder)
+    fs.makedirs(f"{root}/{GUARD_MARK_DIR}", exist_ok=True)
+    with fs.open(f"{root}/{GUARD_MARK_DIR}/{shard_id:05d}-{host}-{pid}", "w") as f:
+        f.write(f"{WORKER_MARK} (pid {pid}, host {host})\n")
 
 
 def watch_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> threading.Thread:
@@ -173,16 +202,66 @@ def main(argv: list[str]) -> int:
     if parent:
         watch_parent(parent)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    install_from_env()
+    entries = allow_entries_from_env()
     args = json.loads(Path(argv[1]).read_text())
+    spark_master = args.pop(SPARK_MASTER_ARG, None)
+    if args.get("distributor") == "pyspark":
+        return _download_on_spark(args, spark_master or "local[2]", entries)
+    install_guard(UrlPolicy.from_entries(entries))
+    _guarded_img2dataset().download(**args)
+    return 0
+
+
+def _guarded_img2dataset() -> Any:
+    """img2dataset's main module, building its Downloader as `GuardedDownloader`."""
     # Imported here, not at the top: the parent imports this module for its constants. By importlib: the
     # package's __init__ shadows its submodule ``main`` with the function of that name.
     i2d_main = importlib.import_module("img2dataset.main")
     from sd_core.data.guarded_downloader import GuardedDownloader
 
     i2d_main.Downloader = GuardedDownloader  # type: ignore[misc] # download() builds its Downloader by this name
-    i2d_main.download(**args)
+    return i2d_main
+
+
+def _download_on_spark(args: dict[str, Any], master: str, entries: list[str]) -> int:
+    """img2dataset's pyspark distributor in a Spark session of ours (img2dataset takes the active one).
+
+    The download happens in Spark's Python workers, each guarded by `GuardedDownloader` with the plain
+    policy. This driver fetches nothing; it talks to its own JVM: started before the guard is installed
+    here, and then the guard's one exception is that JVM's py4j gateway (its other channels to Python are
+    Unix domain sockets, ``spark.python.unix.domain.socket.enabled``: not network addresses)."""
+    try:
+        spark = spark_session(master)
+    except Exception as e:  # pyspark's launcher: no Java, a bad master URL, an unreachable cluster
+        print(f"download.distributor = 'pyspark': could not start a Spark session on {master}: {e}",
+              file=sys.stderr, flush=True)
+        return EXIT_NO_SPARK
+    try:
+        gateway = spark.sparkContext._gateway.gateway_parameters
+        install_guard(UrlPolicy.from_entries([*entries, f"{gateway.address}:{gateway.port}"]))
+        _guarded_img2dataset().download(**args)
+    finally:
+        spark.stop()
     return 0
+
+
+def spark_session(master: str) -> Any:
+    """The Spark session for one shard. Its executors get the URL policy's allow-list in their environment
+    (``spark.executorEnv``: on a cluster they do not inherit ours), so `GuardedDownloader` installs the same
+    guard in each Spark Python worker. A local session listens on loopback only, without a web UI."""
+    from pyspark.sql import SparkSession
+
+    builder = (SparkSession.builder.master(master).appName("sd-pipeline image_shards")
+               .config("spark.ui.enabled", "false")
+               .config("spark.python.unix.domain.socket.enabled", "true")
+               .config(f"spark.executorEnv.{POLICY_ENV}", os.environ[POLICY_ENV])
+               .config("spark.executorEnv.NO_ALBUMENTATIONS_UPDATE", "1"))
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # the JVM reads it before any config
+        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
 
 
 if __name__ == "__main__":

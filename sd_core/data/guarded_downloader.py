@@ -2,8 +2,10 @@
 
 img2dataset spawns its download workers (fresh interpreters) and pickles its Downloader into each by
 reference, so this class is how the guard of `sd_core.data.download_guard` reaches them: the module is
-imported there, and the first call installs the policy before anything is fetched. Its own module because
-importing img2dataset is heavy, and the parent process only needs `download_guard`'s constants.
+imported there, and the first call installs the policy before anything is fetched; each call then leaves
+the mark of the shard it downloads (`sd_core.data.download_guard.leave_guard_mark`), on Spark too. Its own
+module because importing img2dataset is heavy, and the parent process only needs `download_guard`'s
+constants.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from img2dataset.downloader import Downloader
 
-from sd_core.data.download_guard import install_in_worker
+from sd_core.data.download_guard import install_in_worker, leave_guard_mark
 
 
 class GuardedDownloader(Downloader):
@@ -20,4 +22,5 @@ class GuardedDownloader(Downloader):
 
     def __call__(self, row: Any) -> Any:
         install_in_worker()
+        leave_guard_mark(self.output_folder, row[0])  # row: (shard_id, shard_file)
         return super().__call__(row)

@@ -18,8 +18,10 @@ The child is `sd_core.data.download_guard`, which runs img2dataset with the URL 
 (`sd_core.data.url_policy`) enforced in every downloading process, at each request, redirect and socket
 connect: only http(s) to public addresses plus the ``allow_hosts`` given (the loopback image server, for
 the synthetic source). Refused rows fail like any broken URL, with an ``error_message`` starting ``url
-policy``, and are counted in `ShardReport.refused_by_url_policy`. A shard is committed only if the log shows
-that the guard was active in img2dataset's workers.
+policy``, and are counted in `ShardReport.refused_by_url_policy`. A shard is committed only if the process
+that downloaded it marked the guard active (`download_guard.leave_guard_mark`). ``download.distributor:
+pyspark`` runs the same child in a Spark session (``download.spark_master``; `download_guard.spark_session`);
+a distributor that is not installed is refused before anything starts (`check_distributor`).
 
 img2dataset numbers its outputs ``00000.tar`` … by position in its input, so it runs into a temporary folder
 next to the destination and the results are moved to the shard key's names with `os.replace` (atomic; a
@@ -33,6 +35,7 @@ sample's json as well.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -227,7 +230,9 @@ def run_img2dataset(args: dict[str, Any], workdir: Path, cfg: DownloadConfig,
     log_path = workdir / _LOG_FILE
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
            download_guard.POLICY_ENV: json.dumps(list(allow_hosts)),
-           download_guard.PARENT_ENV: str(os.getpid())}
+           download_guard.PARENT_ENV: str(os.getpid()),
+           # Spark's Python workers run this interpreter (its default, `python3` on PATH, may lack the guard)
+           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sd_core.data.download_guard", str(args_file)],
@@ -306,6 +311,7 @@ def download_shard(
     if not part.is_file():
         raise ShardDownloadError(f"shard {shard}: filtered part {part} does not exist")
     _check_allow_list(allow_hosts, shard)
+    check_distributor(cfg)
     remove_stale_work_dirs(out_dir, shard, log)
     work = out_dir / _work_dir_name(shard, os.getpid())
     shutil.rmtree(work, ignore_errors=True)
@@ -351,6 +357,37 @@ def _check_allow_list(allow_hosts: Sequence[str], shard: str) -> None:
         raise ShardDownloadError(f"shard {shard}: {e} (filter.allow_hosts)") from None
 
 
+_SPARK_MASTER = re.compile(r"local(\[(\d+|\*)\])?|spark://[\w.\-\[\]:,]+|yarn|k8s://\S+")
+_INSTALL_SPARK = ("install it with `make spark` (Java from Debian's default-jre-headless, pyspark from the "
+                  "package index: pip install -e '.[spark]'), or set download.distributor: multiprocessing")
+
+
+def check_distributor(cfg: DownloadConfig) -> None:
+    """Refuse, before anything starts, a distributor that cannot run here: img2dataset given one that is not
+    installed may report success having downloaded nothing (ray does), or fail deep inside Spark's launcher.
+    Java is the one ``JAVA_HOME`` names, else ``java`` on PATH: where Spark's launcher looks."""
+    if cfg.distributor != "pyspark":
+        return
+    if not _SPARK_MASTER.fullmatch(cfg.spark_master):
+        raise ShardDownloadError(
+            f"download.spark_master = {cfg.spark_master!r}: expected local[N], local[*], spark://HOST:PORT, "
+            "yarn or k8s://URL")
+    if importlib.util.find_spec("pyspark") is None:
+        raise ShardDownloadError(f"download.distributor = 'pyspark' but pyspark is not installed in "
+                                 f"{sys.executable}: {_INSTALL_SPARK}")
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    where = f"JAVA_HOME={java_home}" if java_home else "PATH"
+    try:
+        ok = java is not None and subprocess.run([java, "-version"], capture_output=True, timeout=60,
+                                                 stdin=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        raise ShardDownloadError(f"download.distributor = 'pyspark' needs Java, and no working java was found "
+                                 f"({where}): {_INSTALL_SPARK}")
+
+
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
@@ -390,11 +427,14 @@ def remove_stale_work_dirs(shards_dir: Path, shard: str, log: Callable[[str], No
 
 
 def _check_guarded(work: Path, shard: str) -> None:
-    """Refuse to commit a shard unless img2dataset's workers reported the URL guard active (fail closed:
-    should img2dataset ever stop pickling its Downloader into the workers, nothing unguarded is kept)."""
-    if download_guard.WORKER_MARK not in _tail(work / _LOG_FILE, 10**7):
+    """Refuse to commit a shard unless the process that downloaded it left the URL guard's mark (fail closed:
+    should img2dataset ever stop pickling its Downloader into its workers, or a distributor run them some
+    other way, nothing unguarded is kept). The mark is a file in img2dataset's output folder, not a line of
+    our log, so that it also comes back from a Spark cluster's executors."""
+    marks = sorted((work / _OUTPUT_FOLDER / download_guard.GUARD_MARK_DIR).glob("00000-*"))
+    if not any(download_guard.WORKER_MARK in m.read_text(errors="replace") for m in marks):
         raise ShardDownloadError(
-            f"shard {shard}: img2dataset's workers did not report the URL policy guard active; the shard was "
+            f"shard {shard}: img2dataset's worker did not report the URL policy guard active; the shard was "
             f"not written. Log tail:\n{_tail(work / _LOG_FILE)}")
 
 
@@ -421,11 +461,13 @@ def _prepare_work(part: Path, work: Path, shard: str, cfg: DownloadConfig,
         "timeout": cfg.timeout_s,
         "retries": cfg.retries,
         "number_sample_per_shard": max(rows, 1),  # the whole part in one img2dataset shard, 00000
-        "distributor": "multiprocessing",
+        "distributor": cfg.distributor,
         "enable_wandb": False,
         "incremental_mode": "incremental",  # a fresh folder each run ("overwrite" deletes its own _tmp: 1.47 bug)
         "compute_hash": None,
     }
+    if cfg.distributor == "pyspark":
+        args[download_guard.SPARK_MASTER_ARG] = cfg.spark_master  # taken out by download_guard, not img2dataset's
     return rows, args
 
 

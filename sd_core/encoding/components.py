@@ -231,7 +231,7 @@ def encode_text(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- tiny build
 def tiny_build_settings(profile: Profile) -> dict[str, Any]:
-    """The settings a tiny build depends on (its fingerprint; the fit's wall-clock budget is left out, the
+    """The settings a tiny build depends on (its fingerprint; the fit's step budget is one of them, the
     weights digest in build.json covers the result)."""
     c = profile.components
     return {
@@ -318,7 +318,7 @@ def _dir_digest(d: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds: float | None = None,
+def build_tiny_components(profile: Profile, *, force: bool = False,
                           log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Build the tiny profile's tokenizer, text encoder and fitted VAE into ``profile.components_dir``.
 
@@ -339,8 +339,7 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
                                  c.max_length, c.seed)
     vae = build_tiny_vae(c.tiny_vae_channels, c.tiny_vae_layers_per_block, profile.encode.resolution, c.seed,
                          c.tiny_vae_norm_groups)
-    budget = c.vae_fit_seconds if fit_seconds is None else fit_seconds
-    fit, report, std = _fit_and_scale_vae(vae, profile, budget, log)
+    fit, report, std = _fit_and_scale_vae(vae, profile, log)
     info = {
         "profile": profile.name,
         "settings": settings,
@@ -348,7 +347,7 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
                    "text_encoder": sum(p.numel() for p in te.parameters())},
         "vocab_size": len(tok),
         "fit": {"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
-                "budget_seconds": budget},
+                "batch_size": c.vae_fit_batch_size},
         "reconstruction": asdict(report),
         "latent_std_unscaled": std,
         "scaling_factor": float(vae.config.scaling_factor),
@@ -363,15 +362,15 @@ def build_tiny_components(profile: Profile, *, force: bool = False, fit_seconds:
     return info
 
 
-def _fit_and_scale_vae(vae: Any, profile: Profile, budget: float,
+def _fit_and_scale_vae(vae: Any, profile: Profile,
                        log: Callable[[str], None]) -> tuple[vae_fit.FitResult, vae_fit.ColourReport, float]:
     """Fit the tiny VAE (`sd_core.encoding.vae_fit`), then, on held-out renders, set its scaling factor to
     1 / latent std (as SD did) and measure its colour fidelity. Returns (fit result, colour report, latent std)."""
     c = profile.components
-    log(f"fitting the tiny VAE ({sum(p.numel() for p in vae.parameters()):,} params) for up to "
-        f"{budget:.0f}s / {c.vae_fit_steps} steps")
-    fit = vae_fit.fit_tiny_vae(vae, budget, size=profile.encode.resolution, batch_size=c.vae_fit_batch_size,
-                               lr=c.vae_fit_lr, seed=c.seed, max_steps=c.vae_fit_steps, log=log)
+    log(f"fitting the tiny VAE ({sum(p.numel() for p in vae.parameters()):,} params) for "
+        f"{c.vae_fit_steps} steps of {c.vae_fit_batch_size} images")
+    fit = vae_fit.fit_tiny_vae(vae, c.vae_fit_steps, size=profile.encode.resolution,
+                               batch_size=c.vae_fit_batch_size, lr=c.vae_fit_lr, seed=c.seed, log=log)
     held_out = vae_fit.synthetic_batch(192, profile.encode.resolution, random.Random(c.seed + 10_007))
     std = vae_fit.latent_std(vae, held_out.images)
     scaling = 1.0 / max(std, 1e-6)

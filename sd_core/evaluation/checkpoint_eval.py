@@ -62,7 +62,7 @@ class EvaluationError(ValueError):
 class EvalSettings:
     """How much evaluation each checkpoint gets (the sampler settings themselves are ``profile.sample``)."""
 
-    seeds_per_prompt: int = 3  # synthetic source: seeds per (colour, shape, background): 108 images
+    seeds_per_prompt: int = 4  # synthetic source: seeds per (colour, shape, background): 144 images
     eps_buckets: int = 10  # timestep buckets over [0, 1000)
     eps_batch_size: int = 32
     clip_model: str = ""  # sd15: a CLIPModel id or folder; "" = the profile's text encoder source
@@ -206,7 +206,8 @@ class Evaluator:
         metrics: dict[str, Any] = {"ema_weights": bundle.ema}
         if len(self.held_out.val_idx):
             metrics.update(bucketed_eps_mse(bundle.unet, bundle.text_encoder, self.held_out,
-                                            self.settings.eps_buckets, self.settings.eps_batch_size).as_metadata())
+                                            self.settings.eps_buckets, self.settings.eps_batch_size,
+                                            bundle.noise_schedule()).as_metadata())
         else:  # a run with train.val_share 0 (or a tiny cache) has no held-out split to score
             metrics["val_samples"] = 0
         metrics["val_manifest_hash"] = self.held_out.dataset.manifest_hash
@@ -231,7 +232,7 @@ class Evaluator:
                           negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
                           seed=[s for _, s in pairs], height=cfg.height, width=cfg.width,
                           scaling_factor=bundle.scaling_factor, batch_size=self.settings.batch_size,
-                          max_length=bundle.max_length)
+                          max_length=bundle.max_length, scheduler=bundle.sampler())
         acc = prompt_scorer.prompt_accuracy(images, prompts)
         assert self.calibration is not None
         return {**acc.as_metadata("accuracy/"), **{f"chance/{k}": round(v, 4) for k, v in acc.chance.items()},
@@ -272,7 +273,8 @@ class ClipReference:
         images = generate(bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, self.captions,
                           negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
                           seed=list(range(len(self.captions))), height=cfg.height, width=cfg.width,
-                          scaling_factor=bundle.scaling_factor, batch_size=batch_size, max_length=bundle.max_length)
+                          scaling_factor=bundle.scaling_factor, batch_size=batch_size, max_length=bundle.max_length,
+                          scheduler=bundle.sampler())
         metrics: dict[str, Any] = clipm.clip_metrics(self.model, images, self.token_ids,
                                                      self.reference_emb).as_metadata()
         if self.inception is not None:

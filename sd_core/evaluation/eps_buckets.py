@@ -98,9 +98,11 @@ def _bucket_draws(n: int, latent_shape: tuple[int, ...], lo: int, hi: int, bucke
 
 @torch.no_grad()
 def bucketed_eps_mse(unet: Any, text_encoder: Any, held_out: HeldOut, n_buckets: int = 10,
-                     batch_size: int = 32) -> BucketedLoss:
-    """Held-out ε-MSE of ``unet`` (our UNetModel, eval mode) per timestep bucket, at fixed noise."""
-    sched = DDPMScheduler()
+                     batch_size: int = 32, sched: DDPMScheduler | None = None) -> BucketedLoss:
+    """Held-out ε-MSE of ``unet`` (our UNetModel, eval mode) per timestep bucket, at fixed noise. ``sched``:
+    the schedule it was trained on (default SD 1.x's); a v-prediction's output is compared as the ε it implies,
+    so runs of either prediction type compare on one scale."""
+    sched = sched or DDPMScheduler()
     edges = bucket_edges(n_buckets, sched.num_train_timesteps)
     idx, ds = held_out.val_idx, held_out.dataset
     if len(idx) == 0:
@@ -116,7 +118,8 @@ def bucketed_eps_mse(unet: Any, text_encoder: Any, held_out: HeldOut, n_buckets:
             x0 = torch.from_numpy(lat).float().to(param.device)
             noise, t = noise_all[i:i + batch_size].to(param.device), t_all[i:i + batch_size].to(param.device)
             ctx = encode_text(text_encoder, torch.from_numpy(tok)).to(param.device, param.dtype)
-            pred = unet(sched.add_noise(x0, noise, t).to(param.dtype), t, ctx)
+            xt = sched.add_noise(x0, noise, t)
+            pred = sched.epsilon(unet(xt.to(param.dtype), t, ctx), xt, t)
             total += float(diffusion_loss(pred, noise).sum())
         sums.append(total / len(idx))
     return BucketedLoss(edges, sums, float(np.mean(sums)), int(len(idx)))

@@ -6,7 +6,9 @@
 The folder holds our UNet converted with :func:`sd_core.model.convert.to_diffusers` (EMA weights by default), the
 profile's VAE (its ``scaling_factor`` set to the one the latents were trained with), text encoder and
 tokenizer, and a ``DDIMScheduler`` configured exactly as :class:`sd_core.model.schedulers.DDIMScheduler` (SD 1.x:
-scaled-linear betas 0.00085 → 0.012, ``leading`` spacing, ``steps_offset=1``, ``set_alpha_to_one=False``).
+scaled-linear betas 0.00085 → 0.012, ``leading`` spacing, ``steps_offset=1``, ``set_alpha_to_one=False``; for a
+run trained with v-prediction on a zero-terminal-SNR schedule, the matching ``prediction_type``,
+``rescale_betas_zero_snr`` and ``trailing`` spacing: `SamplingBundle.sampler`).
 No safety checker is written (``requires_safety_checker=False``), so ``from_pretrained(DIR)`` needs no extra
 arguments.
 """
@@ -27,12 +29,13 @@ from sd_core.training.checkpoint import CheckpointError
 
 
 def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scaling_factor: float | None = None,
-                   max_length: int | None = None):
+                   max_length: int | None = None, sampler: DDIMScheduler | None = None):
     """A diffusers ``StableDiffusionPipeline`` around our UNet (converted) and the given components.
 
     ``scaling_factor`` is written into the VAE config and ``max_length`` into the tokenizer's
     ``model_max_length``: the pipeline reads both from there, so they must be the ones the UNet was trained
-    with."""
+    with. ``sampler``: our DDIM sampler for the UNet's training schedule, written as the pipeline's scheduler
+    (default SD 1.x's)."""
     from diffusers import DDIMScheduler as DiffusersDDIM
     from diffusers import StableDiffusionPipeline
 
@@ -47,7 +50,7 @@ def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scali
         size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         latent_size = int(size) // 2 ** (len(vae.config.block_out_channels) - 1)
     d_unet = to_diffusers(unet, sample_size=latent_size or 64)
-    cfg = {k: v for k, v in DDIMScheduler().config_dict().items() if not k.startswith("_")}
+    cfg = {k: v for k, v in (sampler or DDIMScheduler()).config_dict().items() if not k.startswith("_")}
     scheduler = DiffusersDDIM(**cfg)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=d_unet, scheduler=scheduler,
@@ -57,11 +60,11 @@ def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scali
 
 def export_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, out_dir: str | os.PathLike[str],
                     scaling_factor: float | None = None, max_length: int | None = None,
-                    safe_serialization: bool = True) -> Path:
+                    safe_serialization: bool = True, sampler: DDIMScheduler | None = None) -> Path:
     """Write the diffusers folder to ``out_dir`` (atomically: a temporary sibling folder renamed into place;
     an existing ``out_dir`` is replaced). Returns the path."""
     out = Path(out_dir)
-    pipe = build_pipeline(unet, text_encoder, tokenizer, vae, scaling_factor, max_length)
+    pipe = build_pipeline(unet, text_encoder, tokenizer, vae, scaling_factor, max_length, sampler)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=safe_serialization)
     return out
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sd export-diffusers: {exc}", file=sys.stderr)
         return 2
     out = export_pipeline(bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, args.out,
-                          scaling_factor=bundle.scaling_factor, max_length=bundle.max_length)
+                          scaling_factor=bundle.scaling_factor, max_length=bundle.max_length,
+                          sampler=bundle.sampler())
     print(f"wrote {out} (UNet from {bundle.checkpoint}, {'EMA' if bundle.ema else 'raw'} weights)")
     return 0
 

@@ -33,7 +33,7 @@ from torch import nn
 from sd_core.config import (DATA_ROOT_ENV, PROFILE_ENV, ConfigError, Profile, SampleConfig, field_arg, get_profile,
                             json_object_arg, positive_int_arg)
 from sd_core.encoding.components import encode_text, load_components, tokenize
-from sd_core.model.schedulers import DDIMScheduler
+from sd_core.model.schedulers import DDIMScheduler, DDPMScheduler, sampler_for
 from sd_core.model.unet import UNetModel
 from sd_core.training import checkpoint as ckpt_mod
 from sd_core.training.checkpoint import CheckpointConfig, CheckpointError
@@ -164,6 +164,7 @@ def generate(
     max_length: int | None = None,
     progress: bool = False,
     output: str = "pil",
+    scheduler: DDIMScheduler | None = None,
 ) -> list[Image.Image] | torch.Tensor:
     """Generate one image per prompt with DDIM (``steps``, ``eta``) and classifier-free guidance.
 
@@ -173,6 +174,8 @@ def generate(
     the result does not depend on it). Models are used on the device and dtype they are on; latents and the
     scheduler run in float32, the UNet input is cast to the UNet's dtype. See the module docstring for seeds.
     ``output="latent"`` skips the VAE decode and returns the final (scaled) latents, (N, C, h, w) float32.
+    ``scheduler``: the sampler matching the model's training schedule (`SamplingBundle.sampler`); default SD
+    1.x's DDIM (ε-prediction, leading spacing).
     """
     if output not in ("pil", "latent"):
         raise ValueError(f"output must be 'pil' or 'latent', got {output!r}")
@@ -185,7 +188,7 @@ def generate(
     scaling = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
     do_cfg = guidance != 1.0
     gens = make_generators(seed, len(prompts))
-    scheduler = DDIMScheduler()
+    scheduler = scheduler or DDIMScheduler()
     scheduler.set_timesteps(steps)
     bs = batch_size or len(prompts)
     images: list[Image.Image] = []
@@ -321,6 +324,22 @@ class SamplingBundle:
     ema: bool
     config: CheckpointConfig | None = None  # the checkpoint's config.json (lineage included); None: a bare file
     max_length: int | None = None
+
+    def sampler(self) -> DDIMScheduler:
+        """The DDIM sampler for the schedule this checkpoint was trained on (its recorded train config; SD 1.x's
+        for a bare file or a checkpoint from before the setting existed)."""
+        return sampler_for(*schedule_of(self.config))
+
+    def noise_schedule(self) -> DDPMScheduler:
+        """The training schedule this checkpoint was trained on."""
+        prediction_type, zero_snr = schedule_of(self.config)
+        return DDPMScheduler(zero_terminal_snr=zero_snr, prediction_type=prediction_type)
+
+
+def schedule_of(config: CheckpointConfig | None) -> tuple[str, bool]:
+    """(prediction type, zero terminal SNR) recorded in a checkpoint's train config; SD 1.x's when absent."""
+    train = (config.train if config is not None else None) or {}
+    return str(train.get("prediction_type") or "epsilon"), bool(train.get("zero_terminal_snr", False))
 
 
 def _expected_shape_report(weights: dict[str, torch.Tensor], unet_config: Any) -> str:
@@ -596,6 +615,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         guidance=args.guidance if args.guidance is not None else sample_cfg.guidance, eta=args.eta,
         seed=args.seed, height=height, width=width,
         scaling_factor=bundle.scaling_factor, batch_size=args.batch_size, max_length=bundle.max_length,
+        scheduler=bundle.sampler(),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

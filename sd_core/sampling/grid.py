@@ -98,7 +98,7 @@ def render_grid(bundle: SamplingBundle, profile: Profile, batch_size: int = 16) 
         bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, all_prompts,
         negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, seed=all_seeds,
         height=cfg.height, width=cfg.width, scaling_factor=bundle.scaling_factor, batch_size=batch_size,
-        max_length=bundle.max_length,
+        max_length=bundle.max_length, scheduler=bundle.sampler(),
     )
     grid = image_grid(images, rows=len(prompts), labels=prompts)
     return RenderedGrid(grid, images, all_prompts, all_seeds, time.perf_counter() - t0)

@@ -58,7 +58,7 @@ def _shard_list(s: str) -> list[str]:
 # the flags that override the profile's TrainConfig: each dest is the field's name
 _TRAIN_FLAGS = (
     "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_steps", "epochs", "seed",
-    "min_snr_gamma", "cfg_dropout", "ema_decay", "grad_clip", "grad_ckpt", "compile", "channels_last",
+    "min_snr_gamma", "noise_offset", "prediction_type", "zero_terminal_snr", "cfg_dropout", "ema_decay", "grad_clip", "grad_ckpt", "compile", "channels_last",
     "precision", "checkpoint_every", "keep_last", "log_every", "val_share", "val_every", "val_max_samples",
     "wandb", "wandb_mode", "wandb_project", "num_workers", "min_lr_ratio",
 )
@@ -117,6 +117,12 @@ def _add_recipe_flags(r: argparse._ArgumentGroup) -> None:
                    help="epochs to train (given alone, it replaces the profile's max steps)")
     r.add_argument("--seed", type=_train("seed"), default=None, help="seed of init, data order, noise")
     r.add_argument("--min-snr-gamma", type=_gamma, default=None, help="Min-SNR γ (0 or 'none': unweighted)")
+    r.add_argument("--noise-offset", type=_train("noise_offset"), default=None,
+                   help="std of a per-image, per-channel constant added to the noise (0: plain Gaussian)")
+    r.add_argument("--prediction-type", choices=field_choices(TrainConfig, "prediction_type"), default=None,
+                   help="what the UNet predicts: ε (SD 1.x) or v")
+    r.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
+                   help="rescale the schedule to end at zero SNR (needs --prediction-type v_prediction)")
     r.add_argument("--cfg-dropout", type=_train("cfg_dropout"), default=None,
                    help="probability of replacing a caption by the empty prompt")
     r.add_argument("--ema-decay", type=_train("ema_decay"), default=None, help="EMA decay (warmup-corrected)")

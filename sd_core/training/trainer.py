@@ -8,7 +8,8 @@ optimiser step; log, validate and save on their intervals), report.
 Recipe (DESIGN.md section 5, the seeds): latents from the memory-mapped cache
 (`sd_core.encoding.latent_cache.LatentDataset`) under a ``DistributedSampler``; the frozen text encoder runs on
 the cached token ids (CFG dropout replaces a caption's ids with the ids of the empty prompt "", the sampler's
-unconditional convention); uniform timesteps and Gaussian noise; ε-prediction MSE with optional Min-SNR-γ
+unconditional convention); uniform timesteps and Gaussian noise (``--noise-offset``: plus a per-channel
+constant); ε-prediction MSE (or v-prediction, on a zero-terminal-SNR schedule if asked) with optional Min-SNR-γ
 weights; AdamW (fused on CUDA), linear warmup then cosine to lr × ``min_lr_ratio`` (1e-2;
 `sd_core.training.lr_schedule`); gradient clipping; gradient accumulation with DDP ``no_sync``; bf16 autocast
 (``--precision``: by default on CUDA only); EMA after every optimiser step (`sd_core.model.ema`).
@@ -24,7 +25,7 @@ is a ``DistributedSampler`` permutation, and a resumed run skips the micro-batch
 
 Validation: samples whose (shard, row) hash falls below ``--val-share`` form a held-out split that is never
 trained on (independent of the seed and of other shards, so it stays fixed as shards are added); up to
-``val_max_samples`` of them are scored every ``--val-every`` steps with plain ε-MSE at fixed timesteps and
+``val_max_samples`` of them are scored every ``--val-every`` steps with the plain (unweighted) MSE at fixed timesteps and
 fixed noise (their own generator, so validation never disturbs the training RNG).
 
 A non-finite loss or gradient norm stops training with :class:`NonFiniteLossError` naming the step, before the
@@ -182,7 +183,8 @@ class Run:
 
     def predict(self, module: Callable[..., torch.Tensor], x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                 tok: torch.Tensor) -> torch.Tensor:
-        """``module``'s ε prediction for ``x0`` noised with ``noise`` to timesteps ``t``, given token ids ``tok``."""
+        """``module``'s prediction (ε or v) for ``x0`` noised with ``noise`` to timesteps ``t``, given token ids
+        ``tok``."""
         with torch.no_grad(), self.autocast():
             ctx = self.text.encoder(tok)[0]
         memory_format = torch.channels_last if self.tcfg.channels_last else torch.contiguous_format
@@ -191,9 +193,10 @@ class Run:
             return module(xt, t, ctx)
 
 
-def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample ε-prediction MSE (the mean over channels and pixels), times Min-SNR-γ ``weights`` if given."""
-    per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample MSE against the target (ε, or v; the mean over channels and pixels), times Min-SNR-γ
+    ``weights`` if given."""
+    per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
     return per_sample if weights is None else per_sample * weights
 
 
@@ -391,7 +394,8 @@ def build_model(settings: Settings, total_steps: int, device: torch.device) -> M
         opt_kwargs["fused"] = True
     optimizer = torch.optim.AdamW(unet.parameters(), **opt_kwargs)
     lr_sched = WarmupCosine(optimizer, tcfg.lr, tcfg.warmup_steps, total_steps, final_ratio=tcfg.min_lr_ratio)
-    return Model(unet, ema, optimizer, lr_sched, DDPMScheduler())
+    sched = DDPMScheduler(zero_terminal_snr=tcfg.zero_terminal_snr, prediction_type=tcfg.prediction_type)
+    return Model(unet, ema, optimizer, lr_sched, sched)
 
 
 def wrap_for_training(model: Model, info: D.DistInfo, compile_unet: bool) -> None:
@@ -657,13 +661,16 @@ def accumulate_gradients(run: Run, batches: Iterator[tuple[torch.Tensor, torch.T
         noise = torch.randn(x0.shape, generator=gen, device=device)
         t = torch.randint(0, model.noise_sched.num_train_timesteps, (b,), generator=gen, device=device)
         drop = torch.rand(b, generator=gen, device=device) < tcfg.cfg_dropout
+        if tcfg.noise_offset:  # drawn last: runs without an offset keep their draws (and their resume replays)
+            noise = noise + tcfg.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=gen, device=device)
         tok = torch.where(drop[:, None], run.text.empty_ids[None, :], tok)
         weights = model.noise_sched.min_snr_weights(t, tcfg.min_snr_gamma) if tcfg.min_snr_gamma else None
         sync = model.ddp.no_sync() if (model.ddp is not None and micro < tcfg.grad_accum - 1) \
             else contextlib.nullcontext()
         with sync:
             pred = run.predict(model.forward, x0, noise, t, tok)
-            loss = run.faults.poison(diffusion_loss(pred, noise, weights).mean() / tcfg.grad_accum, step)
+            target = model.noise_sched.target(x0, noise, t)
+            loss = run.faults.poison(diffusion_loss(pred, target, weights).mean() / tcfg.grad_accum, step)
             loss.backward()
         loss_sum += loss.detach()
     return loss_sum
@@ -671,7 +678,7 @@ def accumulate_gradients(run: Run, batches: Iterator[tuple[torch.Tensor, torch.T
 
 # ============================================================================================= validate
 def validate(run: Run) -> float | None:
-    """Mean ε-MSE over the held-out samples at their fixed noise and timesteps, on the plain UNet (each rank
+    """Mean MSE against the target (ε or v) over the held-out samples at their fixed noise and timesteps, on the plain UNet (each rank
     scores every world_size-th sample); None without held-out samples."""
     if run.validation is None:
         return None
@@ -684,9 +691,9 @@ def validate(run: Run) -> float | None:
             sel = mine[i:i + run.tcfg.batch_size]
             lat, tok = run.data.dataset.get_batch(val_idx[sel])
             x0 = torch.from_numpy(lat).to(device).float()
-            noise = run.validation.noise[sel].to(device)
-            pred = run.predict(unet, x0, noise, run.validation.t[sel].to(device), torch.from_numpy(tok).to(device))
-            acc[0] += diffusion_loss(pred, noise).sum().double()
+            noise, t = run.validation.noise[sel].to(device), run.validation.t[sel].to(device)
+            pred = run.predict(unet, x0, noise, t, torch.from_numpy(tok).to(device))
+            acc[0] += diffusion_loss(pred, run.model.noise_sched.target(x0, noise, t)).sum().double()
             acc[1] += len(sel)
     unet.train()
     D.all_reduce_sum(acc, run.info)
