@@ -113,7 +113,7 @@ def test_pyspark_without_java_or_pyspark_is_refused_before_anything_starts(tmp_p
     assert not any((tmp_path / "shards").iterdir())
 
 
-@pytest.mark.skipif(not HAVE_PYSPARK, reason="needs pyspark (make spark)")
+@pytest.mark.slow  # needs pyspark: `make test-slow` installs it first (`make spark`); never skipped silently
 def test_the_guarded_child_fails_loudly_when_spark_cannot_start(tmp_path):
     """Behind that check, the child itself: a Spark session that cannot start (JAVA_HOME at nothing) is a
     non-zero exit naming the field, never an exit 0 without a shard."""
