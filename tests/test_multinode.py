@@ -314,6 +314,7 @@ def _node_config(run: str, node_rank: int, port: int) -> dict:
             "nproc_per_node": 1, "env": {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}}
 
 
+@pytest.mark.slow  # ~30 s of two more torchrun nodes plus a Dagster run: keeps `make test` under 10 minutes
 def test_dagster_runs_node_0_and_materialises_the_two_node_checkpoint(profile, reference, tmp_path):
     run, port = "two-nodes", _free_port()
     t0 = time.monotonic()
