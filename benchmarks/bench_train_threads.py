@@ -19,13 +19,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sd_core.machine import cpu_model  # noqa: E402
 
 # (label, processes, OpenMP threads per process, extra environment)
 LAYOUTS: list[tuple[str, int, int, dict[str, str]]] = [
@@ -34,13 +36,6 @@ LAYOUTS: list[tuple[str, int, int, dict[str, str]]] = [
     ("1 process × 1 thread", 1, 1, {}),
     ("2 processes × 1 thread (DDP, gloo)", 2, 1, {}),
 ]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def train_once(data_root: Path, steps: int, nproc: int, threads: int, extra: dict[str, str]) -> float:

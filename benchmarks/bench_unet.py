@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sd_core.config import UNetConfig  # noqa: E402
+from sd_core.machine import cpu_model  # noqa: E402
 from sd_core.model.convert import to_diffusers  # noqa: E402
 from sd_core.model.unet import UNetModel  # noqa: E402
 
@@ -74,15 +75,7 @@ def inputs(config: UNetConfig, batch: int, size: int, tokens: int, device="cpu",
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu})"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu_model()})"
 
 
 # ------------------------------------------------------------------------------------------------ CPU

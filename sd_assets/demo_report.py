@@ -9,10 +9,10 @@ numbers are the ones the Dagster UI shows.
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from sd_core.machine import cpu_model
 
 Metadata = dict[str, Any]
 
@@ -67,16 +67,6 @@ SUMMARIES: dict[str, Callable[[Sequence[Metadata]], str | None]] = {
     "checkpoint_eval": lambda mds: f"{_total(mds[-1:], 'accuracy_n')} images scored per checkpoint",
     "sample_grid": lambda mds: f"grid of {_total(mds[-1:], 'adherence_n')} images",
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (figures without it cannot be compared across machines)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def stage_lines(stages: Sequence[StageRun]) -> list[str]:
