@@ -15,7 +15,7 @@ from sd_core.data.filter import check_parts, existing_parts, filter_metadata, pa
 from sd_core.data.image_server import ImageServer
 from sd_core.data.metadata import fetch_source, files_version
 from sd_core.data.shards import download_shard, shard_paths
-from sd_core.data.synthetic import generate_synthetic, served_by_synthetic_server
+from sd_core.data.synthetic import RENDER_VERSION, generate_synthetic, served_by_synthetic_server
 
 
 def _register_shards(context: dg.AssetExecutionContext, keys: list[str]) -> list[str]:
@@ -103,7 +103,8 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
     group_name="images",
     partitions_def=shards,
     deps=[filtered_metadata],
-    code_version="2",  # 2: downloads under the URL policy guard
+    # 2: downloads under the URL policy guard; the render suffix: the synthetic images' pixels changed
+    code_version=f"2.render{RENDER_VERSION}",
     kinds={"webdataset"},
     automation_condition=dg.AutomationCondition.on_missing(),
     description="One shard's images, downloaded by img2dataset (a subprocess in its own session, under a "

@@ -47,6 +47,13 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 
+# The jitter of `render_shape`: the shape's extent (share of the side) and its centre's largest move (share of
+# the side). RENDER_VERSION changes whenever a render's pixels do (the image shards' code version and the tiny
+# components' build settings carry it, so a changed world is re-rendered and re-fitted, not mixed with the old).
+EXTENT_RANGE: tuple[float, float] = (0.50, 0.70)
+MAX_SHIFT: float = 0.08
+RENDER_VERSION = 2
+
 # The fixed words of every synthetic caption ("a {color} {shape} on a {background} background").
 _TEMPLATE_WORDS: tuple[str, ...] = ("a", "on", "background")
 
@@ -65,8 +72,9 @@ def vocabulary() -> list[str]:
 def render_shape(shape: str, color: str, background: str, size: int = 64, seed: int = 0) -> Image.Image:
     """Render one RGB image of ``size``×``size``: a ``color`` ``shape`` on a ``background`` background.
 
-    ``seed`` drives the jitter: the shape's extent is 40-70 % of the image side and its centre moves by up
-    to 15 % of the side, so it always stays fully inside the image. Same arguments → identical pixels.
+    ``seed`` drives the jitter: the shape's extent is `EXTENT_RANGE` of the image side and its centre moves
+    by up to `MAX_SHIFT` of the side, so it always stays fully inside the image. Same arguments → identical
+    pixels.
     """
     _check(shape, color, background)
     if size < 8:
@@ -77,9 +85,9 @@ def render_shape(shape: str, color: str, background: str, size: int = 64, seed: 
     big = size * scale
     img = Image.new("RGB", (big, big), BACKGROUNDS[background])
     draw = ImageDraw.Draw(img)
-    extent = rng.uniform(0.40, 0.70) * big
+    extent = rng.uniform(*EXTENT_RANGE) * big
     half = extent / 2
-    max_shift = max(0.0, min(0.15 * big, big / 2 - half - 0.03 * big))
+    max_shift = max(0.0, min(MAX_SHIFT * big, big / 2 - half - 0.03 * big))
     cx = big / 2 + rng.uniform(-max_shift, max_shift)
     cy = big / 2 + rng.uniform(-max_shift, max_shift)
     fill = COLORS[color]

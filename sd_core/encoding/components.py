@@ -45,7 +45,7 @@ import torch
 
 from sd_core.atomic import atomic_dir
 from sd_core.config import Profile
-from sd_core.data.synthetic import vocabulary
+from sd_core.data.synthetic import RENDER_VERSION, vocabulary
 from sd_core.encoding import vae_fit
 
 BUILD_FILE = "build.json"
@@ -237,6 +237,7 @@ def tiny_build_settings(profile: Profile) -> dict[str, Any]:
     return {
         "format": BUILD_FORMAT,
         "vocabulary": _vocabulary(),
+        "render": RENDER_VERSION,  # the VAE is fitted on renders: a changed world is re-fitted
         "max_length": c.max_length,
         "text_hidden": profile.unet.ctx_dim,
         "text_layers": c.tiny_text_layers,

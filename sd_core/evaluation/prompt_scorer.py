@@ -15,7 +15,7 @@ Every synthetic image is one shape of one palette colour on a plain achromatic b
 4. **Shape**: the largest connected foreground component, cut at half the image's contrast (the 50 % crossing
    of anti-aliased edges, so the mask's area is the shape's), and its *bounding-box fill ratio*: area /
    box area = 1 for a square, π/4 ≈ 0.785 for a circle, 1/2 for a triangle. Thresholds sit between the
-   ranges measured on true renders (triangle 0.49-0.55, circle 0.77-0.82, square 0.97-1.0 at 64 px).
+   ranges measured on true renders (triangle 0.49-0.54, circle 0.76-0.82, square 0.95-1.0 at 64 px).
    A component touching the border is not a synthetic shape: no shape.
 
 Anything not read (``None``) counts as a miss, so an untrained model's noise scores 0, not chance. Chance
