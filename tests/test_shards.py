@@ -1,6 +1,7 @@
 """img2dataset as a supervised subprocess: watchdog, cancellation, its parent's death, zero images. Real
 img2dataset, real HTTP."""
 
+import dataclasses
 import os
 import re
 import signal
@@ -209,3 +210,44 @@ def test_failure_reasons_group_messages():
     assert failure_reason(None) == "unknown"
     assert failure_reason("<urlopen error url policy: address [::1]:8080 is loopback>") == \
         "<urlopen error url policy: address <addr> is loopback>"
+
+
+
+def _sigterm_ignored(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (its ``SigIgn`` mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    raise AssertionError(f"no SigIgn line for pid {pid}")
+
+
+def test_img2dataset_never_inherits_an_ignored_sigterm(tmp_path, trickle, trickle_url):
+    """Dagster maps SIGTERM to whatever SIGINT's handler is (``dagster._utils.interrupts``), so in a run started
+    with SIGINT ignored (a background job of a non-interactive shell: CI, nohup) SIGTERM ends up ignored too, and
+    an ignored signal is inherited by every subprocess. img2dataset's ``Pool.terminate()`` stops a worker that
+    missed its sentinel with SIGTERM and then joins it: with the signal ignored it waited forever (a CI run hung
+    there, the shard's images all downloaded). Every process of the download must take SIGTERM again."""
+    members: dict[int, bool] = {}
+
+    def inspect_group(pgid: int) -> None:
+        _wait_for(lambda: trickle.hits, 120, "an img2dataset worker to be mid-download")
+        for pid in live_group_members(pgid):
+            # multiprocessing's resource tracker ignores SIGTERM on purpose (it exits when its pipe closes)
+            if b"multiprocessing.resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                members[pid] = _sigterm_ignored(pid)
+
+    def on_log(line: str) -> None:
+        m = re.search(r"img2dataset started: pid (\d+)", line)
+        if m:
+            threading.Thread(target=inspect_group, args=(int(m.group(1)),), daemon=True).start()
+
+    cfg = dataclasses.replace(CFG, watchdog_s=8)  # the trickle never finishes: the watchdog ends the download
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what such a Dagster step hands its children
+    try:
+        with pytest.raises(ShardDownloadError, match="watchdog_s"):
+            download_shard(_part(tmp_path / "p.parquet", [trickle_url]), tmp_path / "shards", "00000", cfg,
+                           log=on_log, allow_hosts=_allow(trickle_url))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(members) >= 2, members  # img2dataset and its spawned worker and logger processes
+    assert not any(members.values()), f"processes ignoring SIGTERM: {[p for p, ign in members.items() if ign]}"

@@ -196,6 +196,10 @@ def watch_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> threading.Th
 
 def main(argv: list[str]) -> int:
     """Run ``img2dataset.download(**json(argv[1]))`` guarded (see module doc)."""
+    # An ignored SIGTERM is inherited through fork and exec, and a Dagster step started with SIGINT ignored (a
+    # background job: CI, nohup) ignores SIGTERM too (dagster maps it to SIGINT's handler). img2dataset's
+    # Pool.terminate() SIGTERMs a worker that missed its sentinel and joins it: ignored, that join never returns.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = int(os.environ.get(PARENT_ENV, "0"))
     if parent and os.getppid() != parent:
         return EXIT_PARENT_GONE  # the launcher died before we got here
