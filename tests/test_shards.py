@@ -212,7 +212,6 @@ def test_failure_reasons_group_messages():
         "<urlopen error url policy: address <addr> is loopback>"
 
 
-
 def _sigterm_ignored(pid: int) -> bool:
     """Whether process ``pid`` ignores SIGTERM (its ``SigIgn`` mask in /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
