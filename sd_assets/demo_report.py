@@ -39,7 +39,8 @@ def _vae(mds: Sequence[Metadata]) -> str | None:
     md = mds[-1]
     if "fit_steps" not in md:  # pretrained components: nothing was trained
         return None
-    return f"VAE fit {md['fit_steps']} steps, {md.get('psnr_db', float('nan')):.1f} dB"
+    where = " (the shipped fit)" if md.get("fit_source") == "shipped" else ""
+    return f"VAE fit {md['fit_steps']} steps{where}, {md.get('psnr_db', float('nan')):.1f} dB"
 
 
 def _filter(mds: Sequence[Metadata]) -> str:

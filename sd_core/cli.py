@@ -15,7 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("sd_core.sampling.generate", "generate_main", "generate images from a checkpoint"),
     "export-diffusers": ("sd_core.sampling.export", "main", "export a checkpoint as a diffusers pipeline folder"),
     "components": ("sd_core.encoding.components_cli", "main",
-                   "prepare frozen components offline: the real CLIP tokenizer, sd15-shaped random weights"),
+                   "prepare frozen components offline: the real CLIP tokenizer, sd15-shaped random weights, "
+                   "the shipped tiny VAE fit"),
 }
 
 

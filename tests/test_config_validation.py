@@ -223,6 +223,8 @@ def checkpoint(tmp_path, monkeypatch):
     (["--guidance", "nan"], "argument --guidance: sample.guidance = nan: must be a finite number >= 0"),
     (["--guidance", "inf"], "argument --guidance: sample.guidance = inf: must be a finite number >= 0"),
     (["--guidance", "-1"], "argument --guidance: sample.guidance = -1.0: must be a finite number >= 0"),
+    (["--guidance-min-timestep", "1000"],
+     "argument --guidance-min-timestep: sample.guidance_min_timestep = 1000: must be an integer in [0, 999]"),
     (["--num-images", "0"], "argument --num-images: must be an integer >= 1, got 0"),
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
     (["--height", "0"], "argument --height: sample.height = 0: must be an integer >= 1"),

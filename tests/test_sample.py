@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from sampling_support import components, save_components, save_tiny_checkpoint, tiny_unet
-from sd_core.sampling.generate import CompatibilityError, generate, load_for_sampling, make_generators
+from sd_core.config import Profile
+from sd_core.sampling.generate import (CompatibilityError, generate, load_for_sampling, make_generators,
+                                       sample_settings)
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 KW = dict(height=32, width=32)
@@ -98,6 +100,18 @@ def test_guidance_one_equals_conditional_only(comps):
     assert np.array_equal(_arr(a), _arr(b))
 
 
+def test_guidance_only_from_a_timestep_on(comps):
+    # 4 DDIM steps: t = 751, 501, 251, 1. Guidance from 999 guides no step (the image is guidance 1's), from 0
+    # every step (the usual CFG image), from 500 the first two: latents unlike both.
+    kw = dict(prompts=PROMPTS[:1], steps=4, seed=0, **KW)
+    unguided = _arr(generate(**comps, guidance=1.0, **kw)[0])
+    full = _arr(generate(**comps, guidance=7.5, **kw)[0])
+    assert np.array_equal(_arr(generate(**comps, guidance=7.5, guidance_min_timestep=999, **kw)[0]), unguided)
+    assert np.array_equal(_arr(generate(**comps, guidance=7.5, guidance_min_timestep=0, **kw)[0]), full)
+    lat = {m: generate(**comps, guidance=7.5, guidance_min_timestep=m, output="latent", **kw) for m in (0, 500, 999)}
+    assert (lat[500] - lat[0]).abs().max() > 1e-3 and (lat[500] - lat[999]).abs().max() > 1e-3
+
+
 def test_incompatible_components_are_clear_errors(comps):
     wrong = dict(comps, unet=tiny_unet(ctx_dim=32))
     with pytest.raises(CompatibilityError, match=r"hidden size is 64 .*\(ctx_dim\) of 32"):
@@ -151,9 +165,12 @@ def test_generate_cli_writes_pngs(ckpt_root, tmp_path, capsys):
     assert rc == 0
     files = sorted(out.glob("*.png"))
     assert [f.name[:12] for f in files] == ["0000_seed11_", "0001_seed12_"]
-    # the CLI image equals generate() with the same seed and the checkpoint's EMA weights
-    direct = generate(unet, comps["text_encoder"], comps["tokenizer"], comps["vae"], PROMPTS[:1], steps=3, seed=11,
-                      scaling_factor=0.5, **KW)[0]
+    # the CLI image equals generate() with the same seed, the checkpoint's EMA weights and the profile's sampler
+    # (tiny: CFG 5 from t = 500 on, eta 1) where no flag overrides it
+    settings = {**sample_settings(Profile.tiny(root).sample), "steps": 3, **KW}
+    assert (settings["eta"], settings["guidance_min_timestep"]) == (1.0, 500)
+    direct = generate(unet, comps["text_encoder"], comps["tokenizer"], comps["vae"], PROMPTS[:1], seed=11,
+                      scaling_factor=0.5, **settings)[0]
     assert np.array_equal(_arr(Image.open(files[0])), _arr(direct))
 
 

@@ -94,6 +94,7 @@ def _tiny_components(p: Profile, info: dict[str, Any]) -> dg.MaterializeResult:
         "scaling_factor": float(info["scaling_factor"]),
         "fit_steps": info["fit"]["steps"],
         "fit_seconds": float(info["fit"]["seconds"]),
+        "fit_source": info["fit"].get("source", "fitted here"),  # "shipped": sd_core.encoding.shipped_vae
         "digest": info["digest"],
     }
     return dg.MaterializeResult(

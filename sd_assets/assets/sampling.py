@@ -72,6 +72,7 @@ def _grid_metadata(out: SampleGrid, profile: Profile) -> dict[str, Any]:
         "steps": cfg.steps,
         "guidance": cfg.guidance,
         "eta": cfg.eta,
+        "guidance_min_timestep": cfg.guidance_min_timestep,
         "resolution": f"{cfg.width}x{cfg.height}",
         "sampling_seconds": round(out.seconds, 2),
         **lineage_metadata(out.checkpoint_config),

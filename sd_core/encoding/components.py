@@ -45,8 +45,10 @@ import torch
 
 from sd_core.atomic import atomic_dir
 from sd_core.config import Profile
-from sd_core.data.synthetic import RENDER_VERSION, vocabulary
+from sd_core.data.synthetic import vocabulary
 from sd_core.encoding import vae_fit
+from sd_core.encoding.shipped_vae import ShippedFit, load_shipped_weights, shipped_fit_for, vae_fit_settings
+from sd_core.machine import cpu_model
 
 BUILD_FILE = "build.json"
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
@@ -231,25 +233,18 @@ def encode_text(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- tiny build
 def tiny_build_settings(profile: Profile) -> dict[str, Any]:
-    """The settings a tiny build depends on (its fingerprint; the fit's step budget is one of them, the
+    """The settings a tiny build depends on (its fingerprint; the VAE fit's are `vae_fit_settings`, the
     weights digest in build.json covers the result)."""
     c = profile.components
     return {
         "format": BUILD_FORMAT,
         "vocabulary": _vocabulary(),
-        "render": RENDER_VERSION,  # the VAE is fitted on renders: a changed world is re-fitted
         "max_length": c.max_length,
         "text_hidden": profile.unet.ctx_dim,
         "text_layers": c.tiny_text_layers,
         "text_heads": c.tiny_text_heads,
-        "vae_channels": list(c.tiny_vae_channels),
-        "vae_layers_per_block": c.tiny_vae_layers_per_block,
-        "vae_norm_groups": c.tiny_vae_norm_groups,
-        "image_size": profile.encode.resolution,
-        "seed": c.seed,
-        "fit_steps": c.vae_fit_steps,
-        "fit_batch_size": c.vae_fit_batch_size,
-        "fit_lr": c.vae_fit_lr,
+        **vae_fit_settings(profile),
+        "vae_shipped_fit": c.vae_shipped_fit,  # turning it off fits here instead of reusing the shipped weights
     }
 
 
@@ -348,7 +343,8 @@ def build_tiny_components(profile: Profile, *, force: bool = False,
                    "text_encoder": sum(p.numel() for p in te.parameters())},
         "vocab_size": len(tok),
         "fit": {"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
-                "batch_size": c.vae_fit_batch_size},
+                "batch_size": c.vae_fit_batch_size,
+                "source": "shipped" if shipped_fit_for(profile) is not None else "fitted here"},
         "reconstruction": asdict(report),
         "latent_std_unscaled": std,
         "scaling_factor": float(vae.config.scaling_factor),
@@ -366,7 +362,16 @@ def build_tiny_components(profile: Profile, *, force: bool = False,
 def _fit_and_scale_vae(vae: Any, profile: Profile,
                        log: Callable[[str], None]) -> tuple[vae_fit.FitResult, vae_fit.ColourReport, float]:
     """Fit the tiny VAE (`sd_core.encoding.vae_fit`), then, on held-out renders, set its scaling factor to
-    1 / latent std (as SD did) and measure its colour fidelity. Returns (fit result, colour report, latent std)."""
+    1 / latent std (as SD did) and measure its colour fidelity. Returns (fit result, colour report, latent std).
+    Where the repository ships the fit of exactly these settings (`sd_core.encoding.shipped_vae`), its weights
+    and recorded measurements are used instead."""
+    shipped = shipped_fit_for(profile)
+    if shipped is not None:
+        load_shipped_weights(vae, shipped)
+        log(f"tiny VAE: the shipped fit of these settings ({shipped.fit['steps']} steps on {shipped.fitted_on}, "
+            f"PSNR {shipped.reconstruction['psnr']:.2f} dB; components.vae_shipped_fit: false fits here)")
+        fit = vae_fit.FitResult(int(shipped.fit["steps"]), 0.0, float(shipped.fit["final_loss"]), [])
+        return fit, vae_fit.ColourReport(**shipped.reconstruction), shipped.latent_std_unscaled
     c = profile.components
     log(f"fitting the tiny VAE ({sum(p.numel() for p in vae.parameters()):,} params) for "
         f"{c.vae_fit_steps} steps of {c.vae_fit_batch_size} images")
@@ -380,6 +385,22 @@ def _fit_and_scale_vae(vae: Any, profile: Profile,
     log(f"tiny VAE: {fit.steps} steps in {fit.seconds:.0f}s, PSNR {report.psnr:.2f} dB, colour accuracy "
         f"{report.colour_accuracy:.3f}, scaling factor {scaling:.4f}")
     return fit, report, std
+
+
+def fit_tiny_vae_for_shipping(profile: Profile, log: Callable[[str], None] | None = print) -> tuple[Any, ShippedFit]:
+    """Fit the tiny VAE of ``profile``'s settings here (never the shipped weights) and return it with the
+    `ShippedFit` record that `sd_core.encoding.shipped_vae.write_shipped_fit` stores beside it."""
+    c = profile.components
+    local = profile.with_overrides({"components": {"vae_shipped_fit": False}})
+    vae = build_tiny_vae(c.tiny_vae_channels, c.tiny_vae_layers_per_block, profile.encode.resolution, c.seed,
+                         c.tiny_vae_norm_groups)
+    fit, report, std = _fit_and_scale_vae(vae, local, log or (lambda s: None))
+    record = ShippedFit(settings=vae_fit_settings(profile), reconstruction=asdict(report),
+                        fit={"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
+                             "batch_size": c.vae_fit_batch_size},
+                        latent_std_unscaled=std, scaling_factor=float(vae.config.scaling_factor),
+                        fitted_on=cpu_model(), params={"vae": sum(p.numel() for p in vae.parameters())})
+    return vae, record
 
 
 # ------------------------------------------------------------------------------- pretrained sources

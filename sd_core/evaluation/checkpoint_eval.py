@@ -45,7 +45,7 @@ from sd_core.evaluation import inception_fid
 from sd_core.evaluation import prompt_scorer
 from sd_core.evaluation.eps_buckets import HeldOut, bucketed_eps_mse, held_out_split
 from sd_core.sampling.generate import (SamplingBundle, generate, latents_to_pil, load_for_sampling, pick_device,
-                                       resolve_dtype)
+                                       resolve_dtype, sample_settings)
 from sd_core.sampling.grid import render_grid, run_name, step_grid_path, write_png
 from sd_core.training import checkpoint as ckpt_mod
 from sd_core.training.checkpoint import CheckpointConfig, CheckpointError
@@ -229,10 +229,9 @@ class Evaluator:
         pairs = prompt_scorer.evaluation_set(self.settings.seeds_per_prompt)
         prompts = [p for p, _ in pairs]
         images = generate(bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, prompts,
-                          negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
-                          seed=[s for _, s in pairs], height=cfg.height, width=cfg.width,
-                          scaling_factor=bundle.scaling_factor, batch_size=self.settings.batch_size,
-                          max_length=bundle.max_length, scheduler=bundle.sampler())
+                          seed=[s for _, s in pairs], scaling_factor=bundle.scaling_factor,
+                          batch_size=self.settings.batch_size, max_length=bundle.max_length,
+                          scheduler=bundle.sampler(), **sample_settings(cfg))
         acc = prompt_scorer.prompt_accuracy(images, prompts)
         assert self.calibration is not None
         return {**acc.as_metadata("accuracy/"), **{f"chance/{k}": round(v, 4) for k, v in acc.chance.items()},
@@ -271,10 +270,9 @@ class ClipReference:
         """CLIP score and CLIP-FD (and ``fid_inception``, on the same images) as materialisation metadata."""
         cfg = profile.sample
         images = generate(bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, self.captions,
-                          negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
-                          seed=list(range(len(self.captions))), height=cfg.height, width=cfg.width,
-                          scaling_factor=bundle.scaling_factor, batch_size=batch_size, max_length=bundle.max_length,
-                          scheduler=bundle.sampler())
+                          seed=list(range(len(self.captions))), scaling_factor=bundle.scaling_factor,
+                          batch_size=batch_size, max_length=bundle.max_length, scheduler=bundle.sampler(),
+                          **sample_settings(cfg))
         metrics: dict[str, Any] = clipm.clip_metrics(self.model, images, self.token_ids,
                                                      self.reference_emb).as_metadata()
         if self.inception is not None:

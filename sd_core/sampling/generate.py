@@ -39,7 +39,8 @@ from sd_core.training import checkpoint as ckpt_mod
 from sd_core.training.checkpoint import CheckpointConfig, CheckpointError
 
 __all__ = ["CheckpointError", "CompatibilityError", "SamplingBundle", "check_compatible", "encode_prompts",
-           "generate", "generate_main", "image_grid", "load_for_sampling", "make_generators", "pick_device"]
+           "generate", "generate_main", "image_grid", "load_for_sampling", "make_generators", "pick_device",
+           "sample_settings"]
 
 
 class CompatibilityError(ValueError):
@@ -156,6 +157,7 @@ def generate(
     steps: int = 30,
     guidance: float = 7.5,
     eta: float = 0.0,
+    guidance_min_timestep: int = 0,
     seed: int | Sequence[int] = 0,
     height: int = 512,
     width: int = 512,
@@ -169,7 +171,8 @@ def generate(
     """Generate one image per prompt with DDIM (``steps``, ``eta``) and classifier-free guidance.
 
     ``negative_prompts``: one string for all, or one per prompt; None = the empty prompt. ``guidance`` = 1
-    skips the unconditional pass (the result is the same). ``scaling_factor``: the latent scaling the UNet was
+    skips the unconditional pass (the result is the same); so do the timesteps below ``guidance_min_timestep``,
+    which use the conditional prediction alone (`SampleConfig`). ``scaling_factor``: the latent scaling the UNet was
     trained with; default ``vae.config.scaling_factor``. ``batch_size``: images per UNet batch (default all;
     the result does not depend on it). Models are used on the device and dtype they are on; latents and the
     scheduler run in float32, the UNet input is cast to the UNet's dtype. See the module docstring for seeds.
@@ -198,12 +201,19 @@ def generate(
         ctx = _guidance_context(text_encoder, tokenizer, prompts[sl], negatives[sl] if do_cfg else None, max_length)
         latents = _initial_latents(gens[sl], shape, _module_device_dtype(unet)[0], scheduler.init_noise_sigma)
         latents = _denoise(unet, scheduler, latents, ctx, guidance=guidance if do_cfg else None, eta=eta,
-                           generators=gens[sl], progress=progress)
+                           guidance_min_timestep=guidance_min_timestep, generators=gens[sl], progress=progress)
         if output == "latent":
             final_latents.append(latents)
         else:
             images.extend(_decode_to_pil(vae, latents, scaling))
     return torch.cat(final_latents) if output == "latent" else images
+
+
+def sample_settings(cfg: SampleConfig) -> dict[str, Any]:
+    """`generate`'s keyword arguments for a profile's `SampleConfig` (negative prompt, steps, guidance and
+    its interval, eta, image size): the one place the grid, the evaluation and `sd generate` read them."""
+    return {"negative_prompts": cfg.negative_prompt, "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta,
+            "guidance_min_timestep": cfg.guidance_min_timestep, "height": cfg.height, "width": cfg.width}
 
 
 def _negatives_for(negative_prompts: str | Sequence[str] | None, n: int) -> list[str]:
@@ -250,26 +260,28 @@ def _initial_latents(generators: Sequence[torch.Generator], shape: tuple[int, ..
 
 
 def _denoise(unet: Any, scheduler: DDIMScheduler, latents: torch.Tensor, ctx: torch.Tensor, *,
-             guidance: float | None, eta: float, generators: Sequence[torch.Generator],
+             guidance: float | None, eta: float, guidance_min_timestep: int, generators: Sequence[torch.Generator],
              progress: bool) -> torch.Tensor:
     """The DDIM loop: at every timestep one UNet call and one scheduler step. With a ``guidance`` scale the
-    call runs on [latents; latents] against [uncond; cond] and ε = ε_u + g·(ε_c − ε_u); None (guidance 1)
-    skips the unconditional half. ``generators`` draw each image's step noise for eta > 0."""
+    call runs on [latents; latents] against [uncond; cond] and ε = ε_u + g·(ε_c − ε_u), at timesteps
+    t >= ``guidance_min_timestep``; below them, and for None (guidance 1), on the latents against cond alone.
+    ``generators`` draw each image's step noise for eta > 0."""
     device, unet_dtype = _module_device_dtype(unet)
     call = unet_caller(unet)
     ctx = ctx.to(device=device, dtype=unet_dtype)
+    cond = ctx.chunk(2)[1] if guidance is not None else ctx
     timesteps = scheduler.timesteps
     if progress:
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc="ddim", leave=False)
     for t in timesteps:
-        x_in = torch.cat([latents] * 2) if guidance is not None else latents
-        t_in = t.to(device).expand(x_in.shape[0])
-        eps = call(x_in.to(unet_dtype), t_in, ctx).float()
-        if guidance is not None:
-            eps_u, eps_c = eps.chunk(2)
+        if guidance is not None and int(t) >= guidance_min_timestep:
+            eps_u, eps_c = call(torch.cat([latents] * 2).to(unet_dtype), t.to(device).expand(2 * len(latents)),
+                                ctx).float().chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
+        else:
+            eps = call(latents.to(unet_dtype), t.to(device).expand(len(latents)), cond).float()
         latents = scheduler.step(eps, t, latents, eta=eta, generator=generators if eta > 0 else None)
     return latents
 
@@ -528,7 +540,10 @@ def _generate_parser() -> argparse.ArgumentParser:
                         help="DDIM steps, 1-1000 (default: the profile's, 30)")
     parser.add_argument("--guidance", type=_sample_arg("guidance"), default=None,
                         help="CFG scale, finite and >= 0 (default: the profile's, 7.5)")
-    parser.add_argument("--eta", type=_sample_arg("eta"), default=0.0, help="DDIM eta (0 = deterministic DDIM)")
+    parser.add_argument("--eta", type=_sample_arg("eta"), default=None,
+                        help="DDIM eta, 0 = deterministic, 1 = as noisy as DDPM (default: the profile's)")
+    parser.add_argument("--guidance-min-timestep", type=_sample_arg("guidance_min_timestep"), default=None,
+                        help="apply CFG only at timesteps >= this, 0-999 (default: the profile's; 0 = every step)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     parser.add_argument("--height", type=_sample_arg("height"), default=None,
                         help="image height, a multiple of the VAE's downsampling (default: the profile's)")
@@ -609,14 +624,13 @@ def generate_main(argv: list[str] | None = None) -> int:
         print(f"sd generate: {exc}", file=sys.stderr)
         return 2
     height, width = _image_size(parser, args, sample_cfg, bundle)
-    images = generate(
-        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, prompts,
-        negative_prompts=args.negative, steps=args.steps if args.steps is not None else sample_cfg.steps,
-        guidance=args.guidance if args.guidance is not None else sample_cfg.guidance, eta=args.eta,
-        seed=args.seed, height=height, width=width,
-        scaling_factor=bundle.scaling_factor, batch_size=args.batch_size, max_length=bundle.max_length,
-        scheduler=bundle.sampler(),
-    )
+    settings = sample_settings(sample_cfg)
+    flags = {"negative_prompts": args.negative, "steps": args.steps, "guidance": args.guidance, "eta": args.eta,
+             "guidance_min_timestep": args.guidance_min_timestep, "height": height, "width": width}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    images = generate(bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, prompts, seed=args.seed,
+                      scaling_factor=bundle.scaling_factor, batch_size=args.batch_size, max_length=bundle.max_length,
+                      scheduler=bundle.sampler(), **settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, img) in enumerate(zip(prompts, images)):

@@ -19,7 +19,7 @@ from sd_core.atomic import write_atomic
 from sd_core.config import Profile
 from sd_core.sampling.adherence import AdherenceResult, adherence
 from sd_core.sampling.generate import (SamplingBundle, generate, image_grid, load_for_sampling, pick_device,
-                                       resolve_dtype)
+                                       resolve_dtype, sample_settings)
 from sd_core.training.checkpoint import CheckpointConfig, CheckpointError, latest_checkpoint
 
 
@@ -95,10 +95,9 @@ def render_grid(bundle: SamplingBundle, profile: Profile, batch_size: int = 16) 
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]
     images = generate(
-        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, all_prompts,
-        negative_prompts=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, seed=all_seeds,
-        height=cfg.height, width=cfg.width, scaling_factor=bundle.scaling_factor, batch_size=batch_size,
-        max_length=bundle.max_length, scheduler=bundle.sampler(),
+        bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.vae, all_prompts, seed=all_seeds,
+        scaling_factor=bundle.scaling_factor, batch_size=batch_size, max_length=bundle.max_length,
+        scheduler=bundle.sampler(), **sample_settings(cfg),
     )
     grid = image_grid(images, rows=len(prompts), labels=prompts)
     return RenderedGrid(grid, images, all_prompts, all_seeds, time.perf_counter() - t0)

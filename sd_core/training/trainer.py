@@ -10,7 +10,7 @@ Recipe (DESIGN.md section 5, the seeds): latents from the memory-mapped cache
 the cached token ids (CFG dropout replaces a caption's ids with the ids of the empty prompt "", the sampler's
 unconditional convention); uniform timesteps and Gaussian noise (``--noise-offset``: plus a per-channel
 constant); ε-prediction MSE (or v-prediction, on a zero-terminal-SNR schedule if asked) with optional Min-SNR-γ
-weights; AdamW (fused on CUDA), linear warmup then cosine to lr × ``min_lr_ratio`` (1e-2;
+weights; AdamW (fused on CUDA and CPU), linear warmup then cosine to lr × ``min_lr_ratio`` (1e-2;
 `sd_core.training.lr_schedule`); gradient clipping; gradient accumulation with DDP ``no_sync``; bf16 autocast
 (``--precision``: by default on CUDA only); EMA after every optimiser step (`sd_core.model.ema`).
 
@@ -380,7 +380,7 @@ def load_text_conditioner(settings: Settings, dataset: LatentDataset, device: to
 
 
 def build_model(settings: Settings, total_steps: int, device: torch.device) -> Model:
-    """The UNet, its EMA, AdamW (fused on CUDA), the LR schedule over ``total_steps`` and the noise schedule."""
+    """The UNet, its EMA, AdamW (fused on CUDA and CPU), the LR schedule over ``total_steps`` and the noise schedule."""
     tcfg = settings.train
     torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     unet = UNetModel(settings.profile.unet).to(device)
@@ -390,7 +390,7 @@ def build_model(settings: Settings, total_steps: int, device: torch.device) -> M
         unet = unet.to(memory_format=torch.channels_last)
     ema = EMA(unet, decay=tcfg.ema_decay)
     opt_kwargs: dict[str, Any] = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):  # CPU: one fused kernel instead of ~10 per parameter (tiny step -10 %)
         opt_kwargs["fused"] = True
     optimizer = torch.optim.AdamW(unet.parameters(), **opt_kwargs)
     lr_sched = WarmupCosine(optimizer, tcfg.lr, tcfg.warmup_steps, total_steps, final_ratio=tcfg.min_lr_ratio)
