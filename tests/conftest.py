@@ -55,8 +55,8 @@ def data_root(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_profile() -> Callable[[Path], Profile]:
-    """``tiny_profile(root)``: the tiny profile rooted at ``root`` with the tests' short VAE fit
-    (`latents_support.OVERRIDES`). A factory, so that module- and class-scoped fixtures can use it too."""
+    """``tiny_profile(root)``: the tiny profile rooted at ``root`` (`latents_support.OVERRIDES`: none, so its VAE
+    is the shipped fit). A factory, so that module- and class-scoped fixtures can use it too."""
 
     def make(root: Path) -> Profile:
         return Profile.tiny(root).with_overrides(OVERRIDES)
@@ -66,7 +66,7 @@ def tiny_profile() -> Callable[[Path], Profile]:
 
 @pytest.fixture(scope="session")
 def tiny_built(tmp_path_factory: pytest.TempPathFactory, tiny_profile: Callable[[Path], Profile]) -> Path:
-    """The tiny components (tokenizer, text encoder, fitted VAE), built once per test session; a test copies
+    """The tiny components (tokenizer, text encoder, the shipped VAE fit), built once per test session; a test copies
     them into its own data root with `latents_support.install_components`, where `build_tiny_components`
     recognises them as current instead of fitting again."""
     from sd_core.encoding.components import build_tiny_components
