@@ -335,16 +335,15 @@ def build_tiny_components(profile: Profile, *, force: bool = False,
                                  c.max_length, c.seed)
     vae = build_tiny_vae(c.tiny_vae_channels, c.tiny_vae_layers_per_block, profile.encode.resolution, c.seed,
                          c.tiny_vae_norm_groups)
-    fit, report, std = _fit_and_scale_vae(vae, profile, log)
+    shipped = shipped_fit_for(profile)
+    fit, report, std = _fit_and_scale_vae(vae, profile, log, shipped)
     info = {
         "profile": profile.name,
         "settings": settings,
         "params": {"vae": sum(p.numel() for p in vae.parameters()),
                    "text_encoder": sum(p.numel() for p in te.parameters())},
         "vocab_size": len(tok),
-        "fit": {"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
-                "batch_size": c.vae_fit_batch_size,
-                "source": "shipped" if shipped_fit_for(profile) is not None else "fitted here"},
+        "fit": {**_fit_record(fit, c.vae_fit_batch_size), "source": "shipped" if shipped else "fitted here"},
         "reconstruction": asdict(report),
         "latent_std_unscaled": std,
         "scaling_factor": float(vae.config.scaling_factor),
@@ -359,13 +358,17 @@ def build_tiny_components(profile: Profile, *, force: bool = False,
     return info
 
 
-def _fit_and_scale_vae(vae: Any, profile: Profile,
-                       log: Callable[[str], None]) -> tuple[vae_fit.FitResult, vae_fit.ColourReport, float]:
+def _fit_record(fit: vae_fit.FitResult, batch_size: int) -> dict[str, Any]:
+    """The fit as build.json and fit.json record it."""
+    return {"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss, "batch_size": batch_size}
+
+
+def _fit_and_scale_vae(vae: Any, profile: Profile, log: Callable[[str], None],
+                       shipped: ShippedFit | None) -> tuple[vae_fit.FitResult, vae_fit.ColourReport, float]:
     """Fit the tiny VAE (`sd_core.encoding.vae_fit`), then, on held-out renders, set its scaling factor to
     1 / latent std (as SD did) and measure its colour fidelity. Returns (fit result, colour report, latent std).
-    Where the repository ships the fit of exactly these settings (`sd_core.encoding.shipped_vae`), its weights
+    With ``shipped`` (the repository's fit of exactly these settings, `sd_core.encoding.shipped_vae`), its weights
     and recorded measurements are used instead."""
-    shipped = shipped_fit_for(profile)
     if shipped is not None:
         load_shipped_weights(vae, shipped)
         log(f"tiny VAE: the shipped fit of these settings ({shipped.fit['steps']} steps on {shipped.fitted_on}, "
@@ -391,13 +394,11 @@ def fit_tiny_vae_for_shipping(profile: Profile, log: Callable[[str], None] | Non
     """Fit the tiny VAE of ``profile``'s settings here (never the shipped weights) and return it with the
     `ShippedFit` record that `sd_core.encoding.shipped_vae.write_shipped_fit` stores beside it."""
     c = profile.components
-    local = profile.with_overrides({"components": {"vae_shipped_fit": False}})
     vae = build_tiny_vae(c.tiny_vae_channels, c.tiny_vae_layers_per_block, profile.encode.resolution, c.seed,
                          c.tiny_vae_norm_groups)
-    fit, report, std = _fit_and_scale_vae(vae, local, log or (lambda s: None))
+    fit, report, std = _fit_and_scale_vae(vae, profile, log or (lambda s: None), shipped=None)
     record = ShippedFit(settings=vae_fit_settings(profile), reconstruction=asdict(report),
-                        fit={"steps": fit.steps, "seconds": round(fit.seconds, 1), "final_loss": fit.final_loss,
-                             "batch_size": c.vae_fit_batch_size},
+                        fit=_fit_record(fit, c.vae_fit_batch_size),
                         latent_std_unscaled=std, scaling_factor=float(vae.config.scaling_factor),
                         fitted_on=cpu_model(), params={"vae": sum(p.numel() for p in vae.parameters())})
     return vae, record
