@@ -41,11 +41,12 @@ def main() -> None:
     ap.add_argument("specs", nargs="+", type=_spec, help="guidance:guidance_min_timestep:eta")
     ap.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4: 144 images)")
     ap.add_argument("--seed-offset", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the tiny profile's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     profile = get_profile("tiny", args.data_root)
+    args.steps = args.steps or profile.sample.steps
     bundle = load_for_sampling(args.checkpoint, profile=profile, device=torch.device("cpu"))
     pairs = prompt_scorer.evaluation_set(args.seeds)
     prompts, seeds = [p for p, _ in pairs], [s + args.seed_offset for _, s in pairs]
