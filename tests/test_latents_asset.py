@@ -94,8 +94,12 @@ class VaeChange:
         sd = SDConfig(data_root=str(self.root), overrides=self.overrides(vae))
         repo = dg.Definitions(assets=[frozen_components, self.latents(self.vae_a)], schedules=[latents_refresh],
                               jobs=[encode_job], resources={"sd": sd}).get_repository_def()
-        ctx = dg.build_schedule_context(instance=self.instance, resources={"sd": sd}, repository_def=repo)
-        return {r.partition_key: r for r in (latents_refresh.evaluate_tick(ctx).run_requests or [])}
+        # Exited here, not left to the garbage collector: `context.instance` enters a second DagsterInstance
+        # (from the ref), which points Dagster's defs-state ContextVar at its storage until the context exits.
+        # Closed by a later GC, it resets that ContextVar to this test's storage in whatever test runs then,
+        # whose next materialize fails with "Attempted to resolve undefined DagsterInstance weakref" (seen once).
+        with dg.build_schedule_context(instance=self.instance, resources={"sd": sd}, repository_def=repo) as ctx:
+            return {r.partition_key: r for r in (latents_refresh.evaluate_tick(ctx).run_requests or [])}
 
     def stale_status(self, vae: Path):
         return get_stale_status_resolver(self.instance, [frozen_components, self.latents(vae)])

@@ -14,8 +14,9 @@ from sd_core.data.synthetic import generate_synthetic
 
 
 def _tick(instance, sd, cursor=None):
-    ctx = dg.build_sensor_context(instance=instance, resources={"sd": sd}, cursor=cursor)
-    result = shard_sensor(ctx)
+    # `with`: the context's Dagster context managers close here, not at a later GC (tests/test_latents_asset.py)
+    with dg.build_sensor_context(instance=instance, resources={"sd": sd}, cursor=cursor) as ctx:
+        result = shard_sensor(ctx)
     if isinstance(result, dg.SensorResult):
         # build_sensor_context does not apply partition requests; the daemon does, before the run requests.
         for req in result.dynamic_partitions_requests or []:
