@@ -39,12 +39,13 @@ code_servers:
   local_startup_timeout: 300
 """
 
-# Runs are queued; a `dagster-daemon run` dequeues them (what `dagster job backfill` needs).
+# Runs are queued; a `dagster-daemon run` dequeues them (what `dagster job backfill` needs), two at a time
+# as in the instance `make demo` writes (sd_assets.demo.DAGSTER_YAML).
 QUEUED_INSTANCE = """\
 telemetry:
   enabled: false
 run_queue:
-  max_concurrent_runs: 1
+  max_concurrent_runs: 2
   dequeue_interval_seconds: 1
 code_servers:
   local_startup_timeout: 300

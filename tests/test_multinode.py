@@ -267,6 +267,34 @@ def test_inconsistent_node_settings_are_refused_naming_the_field(nnodes, node_ra
         check_nodes(nnodes, node_rank, endpoint)
 
 
+# Two real gloo ranks (the trainer's own init_distributed, from torchrun's variables) that restored different
+# points: rank 1's node saw no checkpoint in its --output-dir (not rank 0's storage).
+_DISAGREEING_RANK = """
+import sys
+from pathlib import Path
+from sd_core.training import checkpoint as ck, distributed as D, trainer as T
+info = D.init_distributed("cpu")
+point = (Path(sys.argv[1]), 4) if info.rank == 0 else (None, 0)
+try:
+    T.agree_on_resume(T.Progress(step=point[1], resumed_from=point[0]), info)
+    print("agreed")
+except ck.CheckpointError as e:
+    print(f"refused: {e}")
+"""
+
+
+def test_ranks_that_would_resume_from_different_points_are_refused(tmp_path):
+    latest = tmp_path / "run" / "step_00000004"
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _DISAGREEING_RANK, str(latest)], env={**env, "RANK": str(r),
+                              "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [proc.communicate(timeout=RUN_TIMEOUT_S)[0] for proc in ranks]
+    for out in outs:  # on both ranks, before a step: which rank saw what, and what to fix
+        assert (f"refused: the ranks would resume from different points (rank 0: {latest} (step 4); "
+                "rank 1: no checkpoint (step 0)): every node must see rank 0's --output-dir (shared storage)") in out, out
+
+
 def test_cluster_endpoints_are_accepted():
     for endpoint in ("node-0.cluster.local:29400", "10.0.0.1:29400", "[fd00::1]:29400"):
         check_nodes(2, 1, endpoint)

@@ -60,7 +60,6 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sd_core import accel
@@ -259,6 +258,7 @@ def train(settings: Settings) -> TrainResult:
         # per-rank seeds for everything random in the loop; a dedicated generator draws noise, t and dropout
         gen = seed_rank(settings.train.seed, info.rank, info.device)
         progress = restore(settings, info, model, gen)
+        agree_on_resume(progress, info)
         log, wandb_run = open_log(settings, info, progress, pipes, stack)
         log.info(describe_run(settings, info, data, model.unet, progress))
         wrap_for_training(model, info, settings.train.compile)
@@ -349,6 +349,8 @@ def build_data(settings: Settings, info: D.DistInfo) -> Data:
 def load_text_encoder(settings: Settings, device: torch.device) -> tuple[Any, Any]:
     """(frozen text encoder in eval mode on ``device``, tokenizer) of the profile (`sd_core.encoding.components`), or
     from ``--components-dir`` (its ``text_encoder/`` and ``tokenizer/``)."""
+    import transformers  # here, not at the top: every process that loads the code location imports this module
+
     transformers.utils.logging.disable_progress_bar()
     if settings.components_dir is not None:
         te_src, tok_src = str(settings.components_dir / "text_encoder"), str(settings.components_dir / "tokenizer")
@@ -485,6 +487,17 @@ def restore(settings: Settings, info: D.DistInfo, model: Model, gen: torch.Gener
                         best_val=state.get("best_val_loss"), resumed_from=path, last_checkpoint=str(path))
     restore_rng(settings, info, state, gen, path)
     return progress
+
+
+def agree_on_resume(progress: Progress, info: D.DistInfo) -> None:
+    """Refuse to train when the ranks restored different points. Each rank finds its resume point on its own
+    disk view: a node whose ``--output-dir`` is not rank 0's storage (a local disk, another mount) finds no
+    checkpoint or an older one, and would silently train a different model from its peers."""
+    seen = D.all_gather_objects((str(progress.resumed_from) if progress.resumed_from else None, progress.step), info)
+    if len(set(seen)) > 1:
+        ranks = "; ".join(f"rank {r}: {path or 'no checkpoint'} (step {step})" for r, (path, step) in enumerate(seen))
+        raise ckpt.CheckpointError(f"the ranks would resume from different points ({ranks}): every node must see "
+                                   f"rank 0's --output-dir (shared storage)")
 
 
 def restore_rng(settings: Settings, info: D.DistInfo, state: dict[str, Any], gen: torch.Generator,
