@@ -7,9 +7,10 @@ block's SpatialTransformer, so proj_in/proj_out are in it) on 4x8x8 latents. `ma
 without `--compile` (~25 s); the compiled run is `slow` (`make test-slow`): its first run on a machine builds
 ~63 inductor C++ kernels in each of the two ranks, 141 s for the test alone on an idle 2-core Intel Xeon and
 232 s inside `make test` (2026-12-02), a third of the suite's budget; with a warm compile cache
-(``/tmp/torchinductor_$USER``) ~56 s. Dynamo tracing our UNet is still checked by `make test`: the GPU suite's
+(``/tmp/torchinductor_$USER``) 38-56 s. Dynamo tracing our UNet is still checked by `make test`: the GPU suite's
 dry run (tests/test_bench_gpu.py) compiles it with the ``eager`` backend.
 """
+
 from __future__ import annotations
 
 import json
