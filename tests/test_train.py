@@ -135,7 +135,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(profile, tmp
 
 def test_epochs_bound_the_run(profile, tmp_path):
     out = tmp_path / "epochs"
-    # --epochs alone replaces the profile's max_steps (1500 for tiny)
+    # --epochs alone replaces the profile's max_steps (1250 for tiny)
     assert train.main(_argv(profile, out, max_steps=None, epochs=1, checkpoint_every=100, val_max_samples=4)) == 0
     result = json.loads((out / "result.json").read_text())
     n_train = result["num_train_samples"]
