@@ -737,9 +737,13 @@ class Profile(Checked):
                 # Min-SNR γ 2 (SD's recipe: 5) and 1250 steps: whole prompt 0.95-0.99 over two runs and two seed
                 # sets, where γ 5 read 0.92 / 0.93 at 1250 steps and 0.94-0.98 at 1500; unweighted (γ 0) 0.66.
                 # Fewer steps lose the squares' corners first (BENCHMARKS.md, session 9).
+                # One checkpoint, the final one: checkpoint_eval scores every checkpoint (~45 s of 144 images on a
+                # 2-core Zen 3) and the demo's mid-run one never was its best; the price: an interrupted demo
+                # restarts its 1250 steps (BENCHMARKS.md, session 10).
                 batch_size=16, nproc_per_node=2,
                 lr=1e-3, warmup_steps=50, max_steps=1250, min_snr_gamma=2.0, noise_offset=0.4,
-                ema_decay=0.999, checkpoint_every=625, log_every=25, val_every=250, val_share=0.05, val_max_samples=256,
+                ema_decay=0.999, checkpoint_every=1250, log_every=25, val_every=250, val_share=0.05,
+                val_max_samples=256,
                 num_workers=0,
             ),
             sample=SampleConfig(
