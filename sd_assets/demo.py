@@ -425,9 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     root = args.data_root or sd.get("data_root") or os.environ.get("SD_DATA_ROOT") or "data"
     data_root = Path(root).expanduser().resolve()
     sd["data_root"] = str(data_root)
-    # Each stage runs its steps one after another in the CLI's own process (no per-step subprocess that
-    # imports torch again): on 2 cores the multiprocess executor only adds start-up time.
-    run_config.setdefault("execution", {"config": {"in_process": {}}})
     if args.init_home:
         print(ensure_dagster_home(data_root / "dagster_home"))
         return 0

@@ -71,6 +71,11 @@ def test_documented_shard_commands(tmp_path):
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
         assert {r.tags.get("dagster/partition") for r in runs[: len(several)]} == set(several)
         assert instance.get_materialized_partitions(images) == set(shards)
+        # each run executed its step in its own process (the code location's in-process executor): no step
+        # worker re-loaded the code location
+        starting = dg.DagsterEventType.STEP_WORKER_STARTING
+        workers = [e for r in runs for e in instance.all_logs(r.run_id, of_type=starting)]
+        assert workers == [], [e.message for e in workers]
 
 
 def test_automation_sensor_fills_each_new_shard_once():

@@ -23,8 +23,7 @@ def test_webserver_serves_and_runs_a_job(tmp_path):
 
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
         run_config = {"resources": {"sd": {"config": {
-            "profile": "tiny", "data_root": str(data_root), "overrides": SMALL}}},
-            "execution": {"config": {"in_process": {}}}}  # one process: no per-step interpreter start-up
+            "profile": "tiny", "data_root": str(data_root), "overrides": SMALL}}}}
         run_id = client.submit_job_execution("data_job", repository_location_name=LOCATION, run_config=run_config)
         deadline = time.monotonic() + 240
         status = None
