@@ -14,9 +14,10 @@ It ends with the grid's path and adherence score, and the per-attribute and whol
 run's final and best checkpoints (``checkpoint_eval``).
 
 The stages are derived from the asset graph, so this module names no asset except where it reads the
-result. Each stage is one ``dagster asset materialize -m sd_assets.definitions --select ... [--partition K]
+result. Each unpartitioned stage is one ``dagster asset materialize -m sd_assets.definitions --select ...
 -c run_config.yaml`` subprocess (``asset materialize`` has no ``-w``; ``-m`` loads the same module that
-``workspace.yaml`` names). Before each stage the instance is queried: an asset (partition) already
+``workspace.yaml`` names); the shard stage runs that command with ``--partition K`` once per shard, all in one
+``python -m sd_assets.materialize_batch`` subprocess (one Dagster run per shard; the imports paid once). Before each stage the instance is queried: an asset (partition) already
 materialised with its current code version, whose upstream did not run in this invocation, is skipped, so
 a second ``make demo`` only prints the result. Partitioned assets ignore a re-run of unpartitioned
 upstream assets (as ``AutomationCondition.on_missing`` does: a refreshed metadata table only adds shards).
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,12 +44,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sd_assets.demo_report import StageRun, stage_lines
+from sd_assets.materialize_batch import DEFS_MODULE, MARKER
 
 if TYPE_CHECKING:  # dagster is imported lazily: --init-home stays fast
     import dagster as dg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFS_MODULE = "sd_assets.definitions"
 
 DAGSTER_YAML = """\
 # Dagster instance for sd-pipeline (written by `python -m sd_assets.demo`; edit freely, it is not rewritten).
@@ -200,9 +201,11 @@ def _progress_line(line: str) -> str | None:
     return None
 
 
-def run_cli(args: list[str], env: dict[str, str], log_path: Path, quiet_s: float = 30.0) -> None:
+def run_cli(args: list[str], env: dict[str, str], log_path: Path, quiet_s: float = 30.0,
+            on_marker: Callable[[str], None] | None = None) -> None:
     """Run one `dagster` CLI command, showing progress lines and a heartbeat; the full output goes to
-    ``log_path``. Raises SystemExit with the log's tail on failure."""
+    ``log_path``. Lines from `sd_assets.materialize_batch` (``sd-batch: ...``) go to ``on_marker``.
+    Raises SystemExit with the log's tail on failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     last_shown = [t0]
@@ -224,6 +227,10 @@ def run_cli(args: list[str], env: dict[str, str], log_path: Path, quiet_s: float
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
+                if on_marker is not None and line.startswith(MARKER):
+                    on_marker(line[len(MARKER):].strip())
+                    last_shown[0] = time.monotonic()
+                    continue
                 shown = _progress_line(line)
                 if shown:
                     print(f"      {shown}", flush=True)
@@ -262,12 +269,18 @@ class Demo:
         env.setdefault("WANDB_MODE", "offline")
         return env
 
-    def materialize(self, keys: Iterable[Any], partition: str | None, config_path: Path, log: Path) -> None:
+    def materialize(self, keys: Iterable[Any], partitions: Sequence[str | None], config_path: Path, log: Path,
+                    on_marker: Callable[[str], None] | None = None) -> None:
+        """Unpartitioned assets: one `dagster asset materialize`. Shard partitions: the same command once per
+        partition, all in one `sd_assets.materialize_batch` process (one run each; the imports paid once)."""
         select = ",".join(k.to_user_string() for k in keys)
-        args = [self.dagster, "asset", "materialize", "-m", DEFS_MODULE, "--select", select, "-c", str(config_path)]
-        if partition is not None:
-            args += ["--partition", partition]
-        run_cli(args, self.env(), log)
+        if list(partitions) == [None]:
+            args = [self.dagster, "asset", "materialize", "-m", DEFS_MODULE, "--select", select, "-c", str(config_path)]
+        else:
+            args = [sys.executable, "-m", "sd_assets.materialize_batch", "-m", DEFS_MODULE, "--select", select,
+                    "-c", str(config_path)]
+            args += [a for part in partitions for a in ("--partition", str(part))]
+        run_cli(args, self.env(), log, on_marker=on_marker)
 
     def run(self) -> dict[str, Any]:
         t_start = time.monotonic()
@@ -300,31 +313,80 @@ class Demo:
                 if stage.partitioned and not partitions:
                     print(f"[{i}/{len(stages)}] no shard partitions registered: nothing to do for "
                           + ",".join(k.to_user_string() for k in stage.keys))
-                for j, part in enumerate(partitions, 1):
-                    todo = [(k, r) for k in stage.keys if (r := fresh.needs_run(k, part))]
-                    where = f" shard {part} ({j}/{len(partitions)})" if part is not None else ""
-                    names = ",".join(k.to_user_string() for k, _ in todo)
-                    if not todo:
-                        print(f"[{i}/{len(stages)}]{where} up to date: "
+                todos = {part: [(k, r) for k in stage.keys if (r := fresh.needs_run(k, part))] for part in partitions}
+                for part in partitions:
+                    if not todos[part]:
+                        print(f"[{i}/{len(stages)}]{_where(part, partitions)} up to date: "
                               + ",".join(k.to_user_string() for k in stage.keys))
-                        continue
-                    reasons = "; ".join(f"{k.to_user_string()}: {r}" for k, r in todo)
-                    print(f"[{i}/{len(stages)}]{where} materializing {names} ({reasons})", flush=True)
-                    t0 = time.monotonic()
-                    log = logs / f"{i:02d}-{names.replace(',', '+')}{'-' + part if part else ''}.log"
-                    self.materialize([k for k, _ in todo], part, config_path, log)
-                    fresh.ran |= {(k, part) for k, _ in todo}
-                    runs[-1].seconds += time.monotonic() - t0
-                    runs[-1].partitions += 1
-                    for k, _ in todo:
-                        if (record := fresh.latest(k, part)) is not None:
-                            runs[-1].add(k.to_user_string(), _values(record))
-                    print(f"[{i}/{len(stages)}]{where} done in {time.monotonic() - t0:.0f} s", flush=True)
+                for group in _batches(partitions, todos):
+                    self._run_batch(f"[{i}/{len(stages)}]", group, partitions, todos, fresh, runs[-1],
+                                    config_path, logs / f"{i:02d}-{_log_name(group, todos)}.log")
             result = summarize(stages, fresh)
             result["evaluation"] = evaluation_summary(instance)
         result["stages"] = runs
         result["total_s"] = time.monotonic() - t_start
         return result
+
+
+    def _run_batch(self, label: str, group: list[str | None], partitions: list[str | None],
+                   todos: dict[str | None, list[tuple[Any, str]]], fresh: Freshness, stage_run: StageRun,
+                   config_path: Path, log: Path) -> None:
+        """Materialise one group of partitions (same assets to run), announcing each partition as it starts
+        and ends, then record what ran for the summary."""
+        keys = [k for k, _ in todos[group[0]]]
+        names = ",".join(k.to_user_string() for k in keys)
+        pending = list(group)
+
+        def announce(part: str | None) -> None:
+            reasons = "; ".join(f"{k.to_user_string()}: {r}" for k, r in todos[part])
+            print(f"{label}{_where(part, partitions)} materializing {names} ({reasons})", flush=True)
+
+        def on_marker(line: str) -> None:  # "partition K done in S s" or "partition K failed: ..."
+            m = re.fullmatch(r"partition (\S+) done in (\d+) s", line)
+            if not m or m[1] not in pending:
+                print(f"      {line}", flush=True)
+                return
+            pending.remove(m[1])
+            print(f"{label}{_where(m[1], partitions)} done in {m[2]} s", flush=True)
+            if pending:
+                announce(pending[0])
+
+        announce(group[0])
+        t0 = time.monotonic()
+        self.materialize(keys, group, config_path, log, on_marker)
+        stage_run.seconds += time.monotonic() - t0
+        for part in group:
+            fresh.ran |= {(k, part) for k in keys}
+            stage_run.partitions += 1
+            for k in keys:
+                if (record := fresh.latest(k, part)) is not None:
+                    stage_run.add(k.to_user_string(), _values(record))
+        if group == [None]:
+            print(f"{label} done in {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def _where(part: str | None, partitions: list[str | None]) -> str:
+    return f" shard {part} ({partitions.index(part) + 1}/{len(partitions)})" if part is not None else ""
+
+
+def _batches(partitions: list[str | None], todos: dict[str | None, list[tuple[Any, str]]]) -> list[list[str | None]]:
+    """Consecutive partitions that run the same assets, as one batch each (partitions up to date left out)."""
+    groups: list[list[str | None]] = []
+    for part in partitions:
+        if not todos[part]:
+            continue
+        if groups and [k for k, _ in todos[groups[-1][-1]]] == [k for k, _ in todos[part]]:
+            groups[-1].append(part)
+        else:
+            groups.append([part])
+    return groups
+
+
+def _log_name(group: list[str | None], todos: dict[str | None, list[tuple[Any, str]]]) -> str:
+    names = "+".join(k.to_user_string() for k, _ in todos[group[0]])
+    if group == [None]:
+        return names
+    return f"{names}-{group[0]}" + (f"..{group[-1]}" if len(group) > 1 else "")
 
 
 def summarize(stages: list[Stage], fresh: Freshness) -> dict[str, Any]:

@@ -95,12 +95,36 @@ def test_the_demo_materializes_every_asset(demo):
     graph = defs.resolve_asset_graph()
     with demo.instance() as instance:
         shards = instance.get_dynamic_partitions("shards")
-        assert len(shards) >= 1
+        assert len(shards) >= 2  # configs/demo-fast.yaml: 43 rows in shards of 25
         for key in graph.materializable_asset_keys:
             if graph.get(key).partitions_def is None:
                 assert instance.get_latest_materialization_event(key) is not None, key
             else:
                 assert instance.get_materialized_partitions(key) == set(shards), key
+        # the shards ran in one process (sd_assets.materialize_batch) but each is its own successful run
+        shard_runs = [r for r in instance.get_runs() if "dagster/partition" in r.tags]
+        assert sorted(r.tags["dagster/partition"] for r in shard_runs) == sorted(shards)
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in shard_runs)
+    for j, shard in enumerate(shards, 1):  # each shard announced as it starts and as it ends
+        assert re.search(rf"\[2/3\] shard {shard} \({j}/{len(shards)}\) materializing image_shards,latents",
+                         demo.first.stdout), demo.first.stdout
+        assert re.search(rf"\[2/3\] shard {shard} \({j}/{len(shards)}\) done in \d+ s", demo.first.stdout)
+
+
+def test_a_batch_refuses_a_partition_that_is_not_a_shard(demo):
+    # `python -m sd_assets.materialize_batch` (the demo's shard stage) on a key no shard has: a one-line refusal
+    # naming the key and a non-zero exit, before any run starts
+    with demo.instance() as instance:
+        runs_before = len(instance.get_runs())
+    config = demo.data_root / "dagster_home" / "demo_run_config.yaml"
+    done = subprocess.run([sys.executable, "-m", "sd_assets.materialize_batch", "--select", "latents", "-c",
+                           str(config), "--partition", "99999"], cwd=ROOT, env=demo.env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    assert "sd-batch: partition 99999 failed: DagsterInvalidSubsetError:" in done.stdout, done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    with demo.instance() as instance:
+        assert len(instance.get_runs()) == runs_before
 
 
 def test_the_demo_ends_with_the_grid_and_its_score(demo):
