@@ -17,7 +17,8 @@ The stages are derived from the asset graph, so this module names no asset excep
 result. Each unpartitioned stage is one ``dagster asset materialize -m sd_assets.definitions --select ...
 -c run_config.yaml`` subprocess (``asset materialize`` has no ``-w``; ``-m`` loads the same module that
 ``workspace.yaml`` names); the shard stage runs that command with ``--partition K`` once per shard, all in one
-``python -m sd_assets.materialize_batch`` subprocess (one Dagster run per shard; the imports paid once). Before each stage the instance is queried: an asset (partition) already
+``python -m sd_assets.materialize_batch`` subprocess (one Dagster run per shard; the imports paid once).
+Before each stage the instance is queried: an asset (partition) already
 materialised with its current code version, whose upstream did not run in this invocation, is skipped, so
 a second ``make demo`` only prints the result. Partitioned assets ignore a re-run of unpartitioned
 upstream assets (as ``AutomationCondition.on_missing`` does: a refreshed metadata table only adds shards).
@@ -326,7 +327,6 @@ class Demo:
         result["stages"] = runs
         result["total_s"] = time.monotonic() - t_start
         return result
-
 
     def _run_batch(self, label: str, group: list[str | None], partitions: list[str | None],
                    todos: dict[str | None, list[tuple[Any, str]]], fresh: Freshness, stage_run: StageRun,

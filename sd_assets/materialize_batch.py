@@ -1,6 +1,7 @@
 """Run ``dagster asset materialize`` once per shard partition, all in one interpreter.
 
-    python -m sd_assets.materialize_batch --select image_shards,latents -c run_config.yaml --partition 00000 --partition 00001
+    python -m sd_assets.materialize_batch --select image_shards,latents -c run_config.yaml \
+        --partition 00000 --partition 00001
 
 Why: each partition stays its own Dagster run (own metadata, own run in the UI, the same command a user would
 type), but a fresh ``dagster`` process per partition pays the interpreter, torch, the code location,
