@@ -4,7 +4,7 @@ Both models hold the same weights (ours converted with `sd_core.model.convert.to
 training step: forward on (noisy latents, timesteps, text context), MSE against the noise, backward, AdamW
 step (lr 1e-4, weight decay 1e-2), gradients set to None. One process, one run, same inputs.
 
-- CPU (default): the tiny config (`UNetConfig.tiny()`), batch 32, 16×16 latents, 16×64 context (the tiny
+- CPU (default): the tiny config (`UNetConfig.tiny()`), batch 32, 8×8 latents, 16×64 context (the tiny
   profile's shapes), fp32. Steps run in interleaved rounds (ours then diffusers, the order alternating), so
   a load change on a shared machine hits both; the ratio is the median of the per-round ratios.
 - `--gpu`: the SD 1.5 config (859,520,964 parameters) at 64×64 latents (512 px), 77×768 context, bf16
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sd_core.config import UNetConfig  # noqa: E402
+from sd_core.config import Profile, UNetConfig  # noqa: E402
 from sd_core.machine import cpu_model  # noqa: E402
 from sd_core.model.convert import to_diffusers  # noqa: E402
 from sd_core.model.unet import UNetModel  # noqa: E402
@@ -87,7 +87,9 @@ def bench_cpu(args) -> str:
     ours = UNetModel(config)
     theirs = to_diffusers(ours)
     n_params = sum(p.numel() for p in ours.parameters())
-    x, t, ctx, noise = inputs(config, args.batch, 16, 16)
+    tiny = Profile.tiny()  # the tiny profile's latent side: its image size over the VAE's halvings (64 px -> 8)
+    side = tiny.encode.resolution // 2 ** (len(tiny.components.tiny_vae_channels) - 1)
+    x, t, ctx, noise = inputs(config, args.batch, side, 16)
     steps = {"ours": make_step(ours, False), "diffusers": make_step(theirs, True)}
     load0 = os.getloadavg()
     for f in steps.values():  # warm-up (allocator, oneDNN primitive caches)
@@ -124,7 +126,7 @@ def bench_cpu(args) -> str:
         f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s); load average"
         f" {load0[0]:.1f} at start, {load1[0]:.1f} at end.",
         "",
-        f"Config `UNetConfig.tiny()` ({n_params / 1e6:.2f}M params), batch {args.batch}, 16×16×{config.in_ch} latents,"
+        f"Config `UNetConfig.tiny()` ({n_params / 1e6:.2f}M params), batch {args.batch}, {side}×{side}×{config.in_ch} latents,"
         f" 16×{config.ctx_dim} context, fp32; step = forward + MSE + backward + AdamW. {args.rounds} interleaved rounds"
         f" of {args.steps} steps after 2 warm-up steps each.",
         "",

@@ -394,11 +394,13 @@ class UNetConfig(Checked):
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
-        """2.35M parameters: one CPU training step (AdamW, batch 32, 16×16 latents, 16 context tokens) takes
-        ~0.16 s on 2 cores. No attention at the full 16×16 level: at this size it would cost ~2× the time.
-        `ch` 24 (not 32) trains 1.34-1.39× faster for the same whole-prompt accuracy (BENCHMARKS.md, session 14);
-        8 GroupNorm groups because 32 does not divide 24."""
-        return cls(ch=24, ch_mults=(1, 2, 4), res_blks=1, attn_lvls=(2, 3), heads=4, ctx_dim=64, norm_groups=8)
+        """617,140 parameters, two levels on the 8×8 latents of the tiny VAE (64 px / 8, as in SD), attention
+        at both. On 16×16 latents the UNet's training step was ~2.5× the cost for the same network, and the
+        8×8 model reads the whole prompt better (0.98-1.00 against 0.93-0.95 with the earlier three-level,
+        2.35M-parameter UNet on 16×16 latents): BENCHMARKS.md, session 16. Attention at the full latent
+        resolution costs little at 8×8 and is what keeps the squares' corners. `ch` 24 (BENCHMARKS.md, session
+        14); 8 GroupNorm groups because 32 does not divide 24."""
+        return cls(ch=24, ch_mults=(1, 2), res_blks=1, attn_lvls=(1, 2), heads=4, ctx_dim=64, norm_groups=8)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -511,10 +513,10 @@ class ComponentsConfig(Checked):
     profile) instead of loading pretrained ones; they are then loaded from there by the same code path.
     The ``tiny_*`` and ``vae_fit_*`` fields shape that build only: a word-level tokenizer over the synthetic
     vocabulary, a seeded random ``CLIPTextModel`` (hidden = ``UNetConfig.ctx_dim``) and an ``AutoencoderKL``
-    with ``tiny_vae_channels`` (len - 1 halvings: 64 px → 16×16 latents) fitted for ``vae_fit_steps`` steps
+    with ``tiny_vae_channels`` (len - 1 halvings: 64 px → 8×8 latents) fitted for ``vae_fit_steps`` steps
     of ``vae_fit_batch_size`` renders (a step budget: the same VAE on every machine, however fast).
     ``vae_shipped_fit``: where the repository ships the fit of exactly these settings
-    (`sd_core.encoding.shipped_vae`, the default settings' ~5-minute fit), load it instead of fitting here.
+    (`sd_core.encoding.shipped_vae`, the default settings' ~8-minute fit), load it instead of fitting here.
     ``tokenizer`` empty: same source as ``text_encoder``.
     """
 
@@ -532,10 +534,10 @@ class ComponentsConfig(Checked):
     seed: int = 0
     tiny_text_layers: int = 2
     tiny_text_heads: int = 4
-    tiny_vae_channels: tuple[int, ...] = (16, 32, 32)
+    tiny_vae_channels: tuple[int, ...] = (16, 32, 32, 32)  # three halvings: 8×8 latents (BENCHMARKS.md, session 16)
     tiny_vae_layers_per_block: int = 1
     tiny_vae_norm_groups: int = 1  # GroupNorm groups; few groups keep absolute colour (see sd_core.encoding.vae_fit)
-    vae_fit_steps: int = 800  # 24.4 dB; the prompt scorer reads 0.99 of its reconstructions right (BENCHMARKS.md)
+    vae_fit_steps: int = 3200  # 29.8 dB; the prompt scorer reads all of its reconstructions right (1600: 0.93)
     vae_fit_batch_size: int = 16
     vae_fit_lr: float = 3e-3
     vae_shipped_fit: bool = True
@@ -730,15 +732,17 @@ class Profile(Checked):
             encode=EncodeConfig(resolution=64, batch_size=64, decode_workers=1),
             unet=UNetConfig.tiny(),
             train=TrainConfig(
-                # noise_offset 0.4: on 16×16 latents a channel's mean noise is only 1/16, so 0.1 (diffusers'
-                # usual) left the clean background readable off the noisiest inputs: background accuracy
-                # 0.42 at 600 steps, 0.96 with 0.4 (BENCHMARKS.md, the demo's levers)
+                # noise_offset 0.4: on small latents a channel's mean noise is only 1/side (1/16 on the earlier
+                # 16×16 latents), so 0.1 (diffusers' usual) left the clean background readable off the noisiest
+                # inputs: background accuracy 0.42 at 600 steps, 0.96 with 0.4 (BENCHMARKS.md, the demo's
+                # levers); on today's 8×8 latents backgrounds read 1.00 with it
                 # 2 processes × 16 (global batch 32), one OpenMP thread each: 99 samples/s idle and 57 next to
                 # a busy process on 2 cores, where one process × 2 threads gave ~90 and 2.5 (its threads
                 # spin-wait for each other): benchmarks/bench_train_threads.py
                 # Min-SNR γ 2 (SD's recipe: 5) and 1250 steps: whole prompt 0.95-0.99 over two runs and two seed
                 # sets, where γ 5 read 0.92 / 0.93 at 1250 steps and 0.94-0.98 at 1500; unweighted (γ 0) 0.66.
-                # Fewer steps lose the squares' corners first (BENCHMARKS.md, session 9).
+                # Fewer steps lose the squares' corners first (BENCHMARKS.md, session 9; on 8×8 latents 1000
+                # steps read 0.93 / 0.97 where 1250 read 0.98 / 1.00: session 16).
                 # One checkpoint, the final one: checkpoint_eval scores every checkpoint (~45 s of 144 images on a
                 # 2-core Zen 3) and the demo's mid-run one never was its best; the price: an interrupted demo
                 # restarts its 1250 steps (BENCHMARKS.md, session 10).

@@ -49,7 +49,7 @@ def test_encode_shard_skips_corrupt_and_round_trips(profile):
     seen = []
     report = encode_shard(tar, profile.latents_dir, "00000", profile, components=comps, progress=seen.append)
     assert report.encoded == 23 and report.skipped == 1 and report.skipped_examples[0].startswith("000100005:")
-    assert report.latent_shape == [4, 16, 16] and report.images_per_s > 0
+    assert report.latent_shape == [4, 8, 8] and report.images_per_s > 0
     assert 0.6 < report.latent_std < 1.5 and abs(report.latent_mean) < 0.5
 
     good = [s for s in samples if s["image"] is not None]
@@ -60,7 +60,7 @@ def test_encode_shard_skips_corrupt_and_round_trips(profile):
     assert table.column("key").to_pylist() == [s["key"] for s in good]  # tar order, corrupt one left out
     assert table.column("caption").to_pylist() == [s["caption"] for s in good]
     ds = LatentDataset(profile.latents_dir)
-    assert len(ds) == 23 and ds.latent_shape == (4, 16, 16)
+    assert len(ds) == 23 and ds.latent_shape == (4, 8, 8)
     lat, ids = ds[0]
     assert lat.dtype == torch.float16 and ids.tolist() == comps.tokenize([good[0]["caption"]])[0].tolist()
     stats = latent_stats(profile.latents_dir, "00000")

@@ -151,14 +151,14 @@ class TestVaeChange:
         for key, (n, skipped) in ENCODED.items():
             res = change.encoded[key]
             md = _mat_metadata(res)
-            assert (md["encoded"], md["skipped"]) == (n, skipped) and md["latent_shape"] == [4, 16, 16]
+            assert (md["encoded"], md["skipped"]) == (n, skipped) and md["latent_shape"] == [4, 8, 8]
             assert 0.5 <= md["latent_std"] <= 1.5 and md["images_per_s"] > 0
             (check,) = res.get_asset_check_evaluations()
             assert check.check_name == "latent_stats_sane" and check.passed
 
     def test_the_cache_holds_every_decodable_sample_with_its_caption(self, change):
         ds = LatentDataset(change.base.latents_dir)
-        assert len(ds) == 12 and ds.latent_shape == (4, 16, 16)
+        assert len(ds) == 12 and ds.latent_shape == (4, 8, 8)
         assert ds[0][1].shape == (change.base.components.max_length,)
         for key in ENCODED:
             assert read_shard_table(change.base.latents_dir, key).column("caption").to_pylist() == change.captions[key]

@@ -35,7 +35,7 @@ def test_the_shipped_fit_is_the_tiny_profiles_default(tmp_path):
 def test_a_default_build_loads_the_shipped_weights_and_its_reconstructions_read_right(tmp_path):
     p = Profile.tiny(tmp_path / "data")
     info = build_tiny_components(p, log=None)
-    assert info["fit"]["source"] == "shipped" and info["fit"]["steps"] == 800 and info["fit"]["seconds"] == 0.0
+    assert info["fit"]["source"] == "shipped" and info["fit"]["steps"] == 3200 and info["fit"]["seconds"] == 0.0
     record = ShippedFit.read(SHIPPED_DIR)
     assert info["scaling_factor"] == pytest.approx(record.scaling_factor)
     built, shipped = load_file(p.components_dir / "vae" / WEIGHTS_FILE), load_file(SHIPPED_DIR / WEIGHTS_FILE)

@@ -16,7 +16,7 @@ The ``tiny`` profile (``components.build_tiny``) first builds its components int
   (``<|startoftext|>`` / ``<|endoftext|>``, padding with ``<|endoftext|>`` like SD 1.x);
 - text encoder: a small ``CLIPTextModel`` (hidden = the UNet's ``ctx_dim``, seeded random weights, frozen as
   in the measured baseline of DESIGN.md section 4);
-- VAE: a small ``AutoencoderKL`` (64 px → 4×16×16) fitted on synthetic renders (`sd_core.encoding.vae_fit`), with the
+- VAE: a small ``AutoencoderKL`` (64 px → 4×8×8) fitted on synthetic renders (`sd_core.encoding.vae_fit`), with the
   config's ``scaling_factor`` set to 1 / (latent std) measured after fitting, as SD did.
 
 The build goes to a temporary directory next to the target and is renamed into place, so a killed build

@@ -3,8 +3,8 @@
 SD never trains its VAE with the UNet: it downloads ``stabilityai/sd-vae-ft-mse`` and keeps it frozen. The tiny
 profile has no hub to download from, so it fits a small VAE on the synthetic renders (`sd_core.encoding.vae_fit`),
 a step budget that is a pure function of its settings (`vae_fit_settings`): the renderer's version, the VAE's
-shape, the seed and the fit's steps, batch and learning rate. That fit takes 800 steps, about 5 minutes on
-2 cores, half the demo's time budget, so the repository ships its result for the tiny profile's default
+shape, the seed and the fit's steps, batch and learning rate. That fit takes 3200 steps, about 8 minutes on
+2 cores, nearly the demo's whole time budget, so the repository ships its result for the tiny profile's default
 settings in ``sd_core/encoding/tiny_vae/`` (diffusers' ``save_pretrained`` layout plus ``fit.json``, the
 `ShippedFit` record), written by ``sd components tiny-vae``. A build whose settings equal the record's uses
 those weights; any other settings (``components.vae_fit_steps: 400``, a new renderer version) or

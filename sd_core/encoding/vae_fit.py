@@ -21,6 +21,11 @@ Levers, measured on 2 shared CPU cores (1 thread, (16, 32, 32) channels, batch 1
   dominated by the flat background) and a per-image mean-colour term; KL weight is tiny as in SD (1e-6).
 - Adam with a short warmup and cosine decay over the wall-clock budget; the synthetic palette itself is
   few, saturated, far-apart colours (helper "data").
+- **Steps for 8×8 latents** (the tiny profile's (16, 32, 32, 32), three halvings of 64 px): the prompt scorer
+  read the shape of 0.89 of the reconstructions right after 800 steps, 0.93 after 1600 and 1.00 after 3200
+  (29.8 dB); what the shorter fits lose is the triangles' tips (read as circles). Eight latent channels
+  instead of four (0.91 at 800 steps) or wider blocks (32, 64, 64, 64) (0.75 at 800 steps, lr 3e-3) did not
+  help (BENCHMARKS.md, session 16).
 """
 
 from __future__ import annotations
