@@ -31,7 +31,10 @@ OTHER = UNetConfig(
     in_ch=4, out_ch=3, ch=16, ch_mults=(1, 3, 2, 2), res_blks=2, attn_lvls=(1, 2, 4), heads=2, ctx_dim=24,
     transformer_depth=2, norm_groups=8,
 )
-CONFIGS = {"tiny": UNetConfig.tiny(), "other": OTHER}
+# The tiny profile's UNet before 8×8 latents: no attention at the first level, as SD 1.x's last level has none.
+PLAIN_FIRST_LEVEL = UNetConfig(ch=24, ch_mults=(1, 2, 4), res_blks=1, attn_lvls=(2, 3), heads=4, ctx_dim=64,
+                               norm_groups=8)
+CONFIGS = {"tiny": UNetConfig.tiny(), "other": OTHER, "plain_first_level": PLAIN_FIRST_LEVEL}
 
 
 def assert_same_state_dict(a: dict, b: dict) -> None:
