@@ -181,6 +181,19 @@ class Freshness:
                 return f"{up.to_user_string()} re-ran"
         return None
 
+    def stage_todo(self, keys: tuple[Any, ...], partition: str | None) -> list[tuple[Any, str]]:
+        """What of a stage's ``keys`` (in graph order) must run for ``partition``, with the reason: an asset whose
+        parent in the same stage runs must run too (the instance cannot tell yet: it is asked before the
+        stage starts), or a re-trained checkpoint would leave the old grid and scores standing as its own."""
+        todo: list[tuple[Any, str]] = []
+        for key in keys:
+            parents = self.graph.get(key).parent_keys
+            reason = self.needs_run(key, partition) or next(
+                (f"{up.to_user_string()} re-runs" for up, _ in todo if up in parents), None)
+            if reason:
+                todo.append((key, reason))
+        return todo
+
 
 # ------------------------------------------------------------------------------------------- running
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -314,7 +327,7 @@ class Demo:
                 if stage.partitioned and not partitions:
                     print(f"[{i}/{len(stages)}] no shard partitions registered: nothing to do for "
                           + ",".join(k.to_user_string() for k in stage.keys))
-                todos = {part: [(k, r) for k in stage.keys if (r := fresh.needs_run(k, part))] for part in partitions}
+                todos = {part: fresh.stage_todo(stage.keys, part) for part in partitions}
                 for part in partitions:
                     if not todos[part]:
                         print(f"[{i}/{len(stages)}]{_where(part, partitions)} up to date: "

@@ -189,3 +189,37 @@ def test_the_readme_command_re_encodes_one_shard(demo):
     with demo.instance() as instance:
         runs = instance.get_runs(limit=1)
         assert runs[0].tags.get("dagster/partition") == shard and runs[0].status == dg.DagsterRunStatus.SUCCESS
+
+
+
+def test_a_rerun_upstream_re_runs_its_children_in_the_same_stage(demo):
+    # The instance is asked before a stage starts, so it cannot know that the stage's own checkpoint is about to
+    # change: a re-trained unet_checkpoint must take checkpoint_eval and sample_grid with it (else the old
+    # grid and scores stand as the new checkpoint's), and a re-downloaded shard its latents.
+    from sd_assets.definitions import defs
+    from sd_assets.demo import Freshness
+
+    graph = defs.resolve_asset_graph()
+    versions = {spec.key: spec.code_version for spec in defs.resolve_all_asset_specs()}
+    first, shard_stage, last = plan_stages(graph)
+    with demo.instance() as instance:
+        shard = instance.get_dynamic_partitions("shards")[0]
+        fresh = Freshness(instance, graph, versions)
+        assert fresh.stage_todo(last.keys, None) == [] and fresh.stage_todo(shard_stage.keys, shard) == []
+        fresh.ran.add((dg.AssetKey("latents"), shard))
+        assert [(k.to_user_string(), why) for k, why in fresh.stage_todo(last.keys, None)] == [
+            ("unet_checkpoint", "latents re-ran"), ("checkpoint_eval", "unet_checkpoint re-runs"),
+            ("sample_grid", "unet_checkpoint re-runs")]
+        # a new VAE default changes frozen_components' code version (tests/test_components.py: the version
+        # follows the VAE's settings), which re-runs it, as a new encode version re-runs a shard's latents
+        old = {**versions, dg.AssetKey("frozen_components"): "1-an0ldversion"}
+        todo = Freshness(instance, graph, old).stage_todo(first.keys, None)
+        assert todo[0][0] == dg.AssetKey("frozen_components") and todo[0][1].startswith("code version 1-"), todo
+
+
+def test_the_components_code_version_follows_the_vae_settings():
+    from sd_assets.definitions import defs
+    from sd_core.encoding.components import components_version
+
+    spec = next(s for s in defs.resolve_all_asset_specs() if s.key == dg.AssetKey("frozen_components"))
+    assert spec.code_version == f"1-{components_version(get_profile())}"

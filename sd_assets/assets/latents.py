@@ -29,7 +29,8 @@ from sd_assets.assets.data import image_shards
 from sd_assets.partitions import refuse_writes_outside, shard_input, shard_partition_key, shards
 from sd_assets.resources import SDConfig
 from sd_core.config import Profile, get_profile
-from sd_core.encoding.components import build_tiny_components, component_sources, components_digest, describe_pretrained
+from sd_core.encoding.components import (build_tiny_components, component_sources, components_digest,
+                                         components_version, describe_pretrained)
 from sd_core.encoding.encode import (EncodeReport, ShardCountError, encode_shard, latent_stats, latents_code_version,
                                      tar_version)
 from sd_core.encoding.latent_cache import MANIFEST, shard_paths
@@ -46,9 +47,15 @@ class FrozenComponentsConfig(dg.Config):
     rebuild: bool = False
 
 
+_LOADED = get_profile()  # the profile this code location was loaded with: decides the code versions
+
+
 @dg.asset(
     group_name="components",
-    code_version="1",
+    # the build settings (tiny) or sources (sd15) are part of the version: a VAE of other settings (a new
+    # default, an override in the profile's environment) marks the components stale in the UI and in `make demo`,
+    # instead of leaving the old build in place under latents encoded for the new settings
+    code_version=f"1-{components_version(_LOADED)}",
     kinds={"pytorch"},
     check_specs=[dg.AssetCheckSpec("vae_reconstructs", asset="frozen_components",
                                    description=f"tiny profile: the fitted VAE's reconstruction PSNR on held-out "
@@ -108,7 +115,6 @@ def _tiny_components(p: Profile, info: dict[str, Any]) -> dg.MaterializeResult:
 
 
 # ------------------------------------------------------------------------------------------------ latents
-_LOADED = get_profile()  # the profile this code location was loaded with: decides the code version
 
 
 def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
