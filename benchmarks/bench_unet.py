@@ -126,7 +126,8 @@ def bench_cpu(args) -> str:
         f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s); load average"
         f" {load0[0]:.1f} at start, {load1[0]:.1f} at end.",
         "",
-        f"Config `UNetConfig.tiny()` ({n_params / 1e6:.2f}M params), batch {args.batch}, {side}×{side}×{config.in_ch} latents,"
+        f"Config `UNetConfig.tiny()` ({n_params / 1e6:.2f}M params), batch {args.batch},"
+        f" {side}×{side}×{config.in_ch} latents,"
         f" 16×{config.ctx_dim} context, fp32; step = forward + MSE + backward + AdamW. {args.rounds} interleaved rounds"
         f" of {args.steps} steps after 2 warm-up steps each.",
         "",
