@@ -191,7 +191,6 @@ def test_the_readme_command_re_encodes_one_shard(demo):
         assert runs[0].tags.get("dagster/partition") == shard and runs[0].status == dg.DagsterRunStatus.SUCCESS
 
 
-
 def test_a_rerun_upstream_re_runs_its_children_in_the_same_stage(demo):
     # The instance is asked before a stage starts, so it cannot know that the stage's own checkpoint is about to
     # change: a re-trained unet_checkpoint must take checkpoint_eval and sample_grid with it (else the old

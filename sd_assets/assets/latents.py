@@ -115,8 +115,6 @@ def _tiny_components(p: Profile, info: dict[str, Any]) -> dg.MaterializeResult:
 
 
 # ------------------------------------------------------------------------------------------------ latents
-
-
 def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
     """The ``latents`` asset with the code version of ``profile`` (the module-level asset uses the profile of
     the environment; tests build variants to show that a VAE change marks partitions stale)."""
