@@ -19,6 +19,12 @@ in `POLICY_ENV` and its own pid in `PARENT_ENV`. Before img2dataset downloads an
   ``pyspark.daemon``): `GuardedDownloader` is pickled into them the same way and installs the same guard
   from ``spark.executorEnv`` there, and leaves the same mark (a shared output folder: on a cluster, where the
   executors' output is in their own logs). This process only drives its Spark session (`_download_on_spark`).
+- **Without torch.** img2dataset imports webdataset, which imports torch only for its optional PyTorch
+  classes and puts empty stand-ins in their place when torch is missing (``webdataset/pytorch.py``); nothing
+  here uses them. `keep_torch_out` makes ``import torch`` fail at once in this process and, run again as
+  ``__mp_main__`` by the spawn start method, in every worker before it unpickles its task: importing
+  img2dataset then takes 1.5 s instead of 4.3 s on a 2-core Zen 5, paid twice per shard (BENCHMARKS.md,
+  session 17).
 - **It dies with its parent.** A thread polls ``os.getppid()``; when the launching process is gone (even
   SIGKILLed, which runs none of its cleanup) it SIGKILLs this whole process group, workers and img2dataset's
   logger process included (they share the group: the parent starts this one in a new session).
@@ -53,6 +59,17 @@ EXIT_PARENT_GONE = 70
 EXIT_NO_SPARK = 71
 
 _installed: UrlPolicy | None = None  # this process's guard, once installed
+
+
+def keep_torch_out() -> None:
+    """Make ``import torch`` raise ModuleNotFoundError in this process (see the module doc: webdataset stands in
+    for torch's classes then). For the downloader's processes only: the parent imports this module for its
+    constants and needs torch."""
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type] # None in sys.modules: the import fails
+
+
+if __name__ in ("__main__", "__mp_main__"):  # this process, and img2dataset's spawned workers (module doc)
+    keep_torch_out()
 
 
 class UrlPolicyRefusal(OSError):
