@@ -5,9 +5,8 @@ import dagster as dg
 from sd_assets.jobs import encode_job
 from sd_assets.partitions import shards
 from sd_assets.resources import SDConfig
-from sd_core.encoding.components import components_digest
-from sd_core.encoding.encode import latents_code_version, shard_status
 from sd_core.encoding.latent_cache import read_manifest
+from sd_core.encoding.versions import components_digest, latents_code_version, shard_status
 from sd_core.paths import is_shard_key
 
 # The statuses of runs that did not produce a materialisation; each one bumps the attempt number in the run
@@ -19,7 +18,7 @@ _IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Da
 
 def latents_refresh_requests(context: dg.ScheduleEvaluationContext, sd: SDConfig) -> list[dg.RunRequest]:
     """One ``encode_job`` run request per shard partition whose images exist but whose latent cache is
-    missing or stale (see `sd_core.encoding.encode.shard_status`): compared against the cache manifest,
+    missing or stale (see `sd_core.encoding.versions.shard_status`): compared against the cache manifest,
     which records the encode version, the components digest and the source tar's identity per shard.
 
     Run keys are ``latents:{shard}:{encode version}:{components digest}:{attempt}``: a VAE change (new

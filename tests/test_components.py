@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd_core.encoding.components import (
-    BUILD_FILE,
-    build_tiny_components,
-    build_tiny_tokenizer,
-    component_sources,
-    components_digest,
-    components_version,
-    load_components,
-    tokenize,
-)
+from sd_core.encoding.components import build_tiny_components, build_tiny_tokenizer, load_components, tokenize
+from sd_core.encoding.versions import BUILD_FILE, component_sources, components_digest, components_version
 from sd_core.config import Profile
 from sd_core.data import synthetic as S
 from latents_support import CLIP_VIT_L14_TEXT, COLOUR_FLOOR, PSNR_FLOOR_DB, SD_VAE_FT_MSE, install_components

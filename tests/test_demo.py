@@ -218,7 +218,7 @@ def test_a_rerun_upstream_re_runs_its_children_in_the_same_stage(demo):
 
 def test_the_components_code_version_follows_the_vae_settings():
     from sd_assets.definitions import defs
-    from sd_core.encoding.components import components_version
+    from sd_core.encoding.versions import components_version
 
     spec = next(s for s in defs.resolve_all_asset_specs() if s.key == dg.AssetKey("frozen_components"))
     assert spec.code_version == f"1-{components_version(get_profile())}"

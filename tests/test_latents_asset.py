@@ -18,7 +18,7 @@ from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from sd_assets.assets.data import filtered_metadata, image_shards, laion_metadata
 from sd_assets.assets.latents import build_latents_asset, frozen_components
-from sd_core.encoding.encode import latents_code_version
+from sd_core.encoding.versions import latents_code_version
 from sd_assets.jobs import encode_job
 from sd_assets.resources import SDConfig
 from sd_assets.schedules import latents_refresh

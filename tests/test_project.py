@@ -30,6 +30,28 @@ def test_definitions_validate():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def _modules_after(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter holds after running ``code`` (None entries: blocked imports)."""
+    probe = code + "\nimport sys; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if sys.modules.get(m)))"
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return eval(res.stdout.strip().splitlines()[-1])
+
+
+def test_the_code_location_loads_without_torch():
+    """Every `dagster` command, the webserver, the daemon and each run load the code location: the assets
+    import torch's modules in their bodies (BENCHMARKS.md, session 17: 2.9 -> 1.3 s a load on a Zen 5)."""
+    assert _modules_after("import sd_assets.definitions") == []
+
+
+def test_img2dataset_imports_without_torch_in_the_downloaders_workers():
+    """img2dataset's spawned workers run `sd_core.data.download_guard` as ``__mp_main__`` (its own process runs
+    it as ``__main__``, the same line): img2dataset, its Downloader and webdataset import with torch kept out."""
+    code = ("import runpy; runpy.run_module('sd_core.data.download_guard', run_name='__mp_main__')\n"
+            "import img2dataset, webdataset\nfrom img2dataset.downloader import Downloader")
+    assert _modules_after(code) == []
+
+
 def test_sd_cli_lists_commands():
     sd = Path(sys.executable).with_name("sd")
     res = subprocess.run([str(sd), "--help"], capture_output=True, text=True, timeout=60)

@@ -15,21 +15,17 @@ materialisation adds nothing). Every scored step is also kept in ``{run_dir}/eva
 """
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import dagster as dg
 
 from sd_assets.assets.sampling import lineage_metadata, png_b64, upstream_checkpoint
 from sd_assets.assets.training import unet_checkpoint
 from sd_assets.resources import SDConfig
-from sd_core.evaluation.checkpoint_eval import (EvalSettings, Evaluator, EvaluationError, StepScore, best_summary,
-                                                checkpoint_key, pending_checkpoints, primary_metric, pruned_steps,
-                                                run_dir_of, write_scores)
-from sd_core.evaluation.clip_metrics import ClipModelError
-from sd_core.evaluation.inception_fid import InceptionWeightsError
-from sd_core.sampling.generate import CompatibilityError
-from sd_core.sampling.grid import find_checkpoint
-from sd_core.training.checkpoint import CheckpointError
+from sd_core.config import Profile
+
+if TYPE_CHECKING:  # torch's modules load in the asset body, not with the code location (sd_assets.assets.latents)
+    from sd_core.evaluation.checkpoint_eval import EvalSettings, Evaluator, StepScore
 
 ASSET_NAME = "checkpoint_eval"
 GRID_MAX_SIDE = 1024  # the inline grid is downscaled to this (sd15 grids are 2048 px wide)
@@ -47,6 +43,9 @@ class EvalAssetConfig(dg.Config):
 
 
 def _run_dir(context: dg.AssetExecutionContext, checkpoints_dir: Path) -> Path:
+    from sd_core.evaluation.checkpoint_eval import run_dir_of
+    from sd_core.sampling.grid import find_checkpoint
+
     ckpt = upstream_checkpoint(context) or find_checkpoint(checkpoints_dir)
     if ckpt is None:
         raise dg.Failure(description=f"no checkpoint to evaluate: no unet_checkpoint materialization with a "
@@ -80,13 +79,13 @@ def previous_summaries(instance: dg.DagsterInstance, run_dir: Path) -> list[dict
         cursor = page.cursor
 
 
-def _grid_markdown(score: StepScore) -> str:
+def _grid_markdown(score: "StepScore") -> str:
     grid = score.grid.copy()
     grid.thumbnail((GRID_MAX_SIDE, GRID_MAX_SIDE))
     return f"![step {score.step} grid](data:image/png;base64,{png_b64(grid)})"
 
 
-def step_metadata(score: StepScore, run_dir: Path, best: dict[str, Any] | None, metric_name: str) -> dict[str, Any]:
+def step_metadata(score: "StepScore", run_dir: Path, best: dict[str, Any] | None, metric_name: str) -> dict[str, Any]:
     """One step's materialisation metadata: checkpoint, lineage, metrics, grid and the best step so far."""
     md: dict[str, Any] = {
         "checkpoint_path": dg.MetadataValue.path(str(score.checkpoint)),
@@ -106,6 +105,21 @@ def step_metadata(score: StepScore, run_dir: Path, best: dict[str, Any] | None, 
     return md
 
 
+def _evaluator(profile: Profile, settings: "EvalSettings", first_checkpoint: Path, run_dir: Path) -> "Evaluator":
+    """The evaluator of ``run_dir``, or a Failure that names the file it could not use."""
+    from sd_core.evaluation.checkpoint_eval import EvaluationError, Evaluator
+    from sd_core.evaluation.clip_metrics import ClipModelError
+    from sd_core.evaluation.inception_fid import InceptionWeightsError
+    from sd_core.sampling.generate import CompatibilityError
+    from sd_core.training.checkpoint import CheckpointError
+
+    try:
+        return Evaluator(profile, settings, first_checkpoint)
+    except (EvaluationError, ClipModelError, InceptionWeightsError, CheckpointError,
+            CompatibilityError) as exc:  # each names its file
+        raise dg.Failure(description=f"cannot evaluate {run_dir}: {exc}") from exc
+
+
 @dg.asset(
     group_name="evaluation",
     deps=[unet_checkpoint],
@@ -118,6 +132,9 @@ def checkpoint_eval(context: dg.AssetExecutionContext, config: EvalAssetConfig, 
                     ) -> Iterator[dg.MaterializeResult]:
     """Every not yet scored checkpoint step of the latest run: validation ε-MSE per timestep bucket, the
     per-step sample grid, prompt accuracy (tiny) or CLIP score / CLIP-FD (sd15), and the best checkpoint."""
+    from sd_core.evaluation.checkpoint_eval import (EvalSettings, best_summary, checkpoint_key, pending_checkpoints,
+                                                    primary_metric, pruned_steps, write_scores)
+
     profile = sd.get()
     settings = EvalSettings(seeds_per_prompt=config.seeds_per_prompt, eps_buckets=config.eps_buckets,
                             clip_model=config.clip_model, clip_prompts=config.clip_prompts,
@@ -133,11 +150,7 @@ def checkpoint_eval(context: dg.AssetExecutionContext, config: EvalAssetConfig, 
         return
     metric = primary_metric(profile)
     context.log.info(f"scoring steps {[r.step for _, r in todo]} of {run_dir}")
-    try:
-        evaluator = Evaluator(profile, settings, todo[0][0])
-    except (EvaluationError, ClipModelError, InceptionWeightsError, CheckpointError,
-            CompatibilityError) as exc:  # each names its file
-        raise dg.Failure(description=f"cannot evaluate {run_dir}: {exc}") from exc
+    evaluator = _evaluator(profile, settings, todo[0][0], run_dir)
     for warning in evaluator.warnings:
         context.log.warning(warning)
     for i, (ckpt, _) in enumerate(todo):

@@ -6,7 +6,7 @@ number comes from the selected `sd_core.config.Profile` (the ``sd`` resource).
 
 Versions:
 
-- ``latents``' ``code_version`` = ``ENCODE_FORMAT`` + `sd_core.encoding.components.components_version` of the
+- ``latents``' ``code_version`` = ``ENCODE_FORMAT`` + `sd_core.encoding.versions.components_version` of the
   profile this code location was loaded with (``SD_PROFILE``/``SD_DATA_ROOT``): the VAE / text encoder /
   tokenizer sources (tiny: the build settings), the encode resolution and ``max_length``. The scaling factor
   lives in the VAE's config, so it changes with the VAE source (tiny: with the build, below). Changing the
@@ -16,12 +16,16 @@ Versions:
 - The cache manifest records both per shard (``code_version``, ``components_digest``) plus the source tar's
   size/mtime; the ``latents_refresh`` schedule (`sd_assets.schedules`) compares them with the current ones
   and requests runs for exactly the shards that are missing or stale.
+
+The code location loads without torch (`sd_core.encoding.versions` computes the code versions): the modules
+that need it are imported in the asset bodies, so a ``dagster`` command, the webserver and the daemon start
+without it.
 """
 
 
 from dataclasses import astuple
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
@@ -29,12 +33,12 @@ from sd_assets.assets.data import image_shards
 from sd_assets.partitions import refuse_writes_outside, shard_input, shard_partition_key, shards
 from sd_assets.resources import SDConfig
 from sd_core.config import Profile, get_profile
-from sd_core.encoding.components import (build_tiny_components, component_sources, components_digest,
-                                         components_version, describe_pretrained)
-from sd_core.encoding.encode import (EncodeReport, ShardCountError, encode_shard, latent_stats, latents_code_version,
-                                     tar_version)
 from sd_core.encoding.latent_cache import MANIFEST, shard_paths
-from sd_core.encoding.vae_fit import ColourReport
+from sd_core.encoding.versions import (component_sources, components_digest, components_version, latents_code_version,
+                                       tar_version)
+
+if TYPE_CHECKING:  # the modules that import torch load in the asset bodies, not with the code location
+    from sd_core.encoding.encode import EncodeReport
 
 STD_RANGE = (0.5, 1.5)  # what the latents' std check accepts (scaled latents should have std ≈ 1)
 TINY_PSNR_WARN_DB = 18.0  # frozen_components check: below this the tiny VAE hardly reconstructs the shapes
@@ -67,6 +71,8 @@ _LOADED = get_profile()  # the profile this code location was loaded with: decid
 )
 def frozen_components(context: dg.AssetExecutionContext, sd: SDConfig,
                       config: FrozenComponentsConfig) -> dg.MaterializeResult:
+    from sd_core.encoding.components import build_tiny_components
+
     p = sd.get()
     if not p.components.build_tiny:
         return _pretrained_components(p)
@@ -75,6 +81,8 @@ def frozen_components(context: dg.AssetExecutionContext, sd: SDConfig,
 
 def _pretrained_components(p: Profile) -> dg.MaterializeResult:
     """sd15: the configured sources, checked against the profile; the VAE's quality is not measured."""
+    from sd_core.encoding.components import describe_pretrained
+
     try:
         meta, version = describe_pretrained(p)
     except ValueError as e:
@@ -87,6 +95,8 @@ def _pretrained_components(p: Profile) -> dg.MaterializeResult:
 
 def _tiny_components(p: Profile, info: dict[str, Any]) -> dg.MaterializeResult:
     """tiny: the build record (``build.json``) as metadata, and its held-out reconstruction as the check."""
+    from sd_core.encoding.vae_fit import ColourReport
+
     src = component_sources(p)
     reconstruction = ColourReport(**info["reconstruction"])
     fidelity = reconstruction.as_metadata()
@@ -139,6 +149,8 @@ def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
                     "Undecodable samples are skipped and counted.",
     )
     def latents(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
+        from sd_core.encoding.encode import latent_stats
+
         p = sd.get()
         key = shard_partition_key(context)
         refuse_writes_outside(key, p.data_root,
@@ -162,9 +174,11 @@ def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
     return latents
 
 
-def _encode(context: dg.AssetExecutionContext, p: Profile, key: str, tar: Path, version: str) -> EncodeReport:
+def _encode(context: dg.AssetExecutionContext, p: Profile, key: str, tar: Path, version: str) -> "EncodeReport":
     """Encode one shard tar into the cache, recording what staleness is judged by: the encode version, the
     components' digest and the tar's identity (see the module docstring)."""
+    from sd_core.encoding.encode import ShardCountError, encode_shard
+
     def progress(d: dict[str, Any]) -> None:
         context.log.info(f"shard {key}: {d['encoded']} encoded, {d['skipped']} skipped, {d['images_per_s']} img/s")
 
@@ -178,7 +192,8 @@ def _encode(context: dg.AssetExecutionContext, p: Profile, key: str, tar: Path, 
                                            "samples_recorded": e.expected, "record": e.record}) from e
 
 
-def _log_encoded(context: dg.AssetExecutionContext, key: str, report: EncodeReport, stats: dict[str, float]) -> None:
+def _log_encoded(context: dg.AssetExecutionContext, key: str, report: "EncodeReport", stats: dict[str, float]
+                 ) -> None:
     context.log.info(f"shard {key}: {report.encoded} latents ({report.skipped} skipped) at "
                      f"{report.images_per_s} img/s on {report.device}; mean {stats['mean']:.3f}, "
                      f"std {stats['std']:.3f}")

@@ -18,15 +18,17 @@ when it is at or below chance level.
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from sd_assets.assets.training import unet_checkpoint
 from sd_assets.resources import SDConfig
 from sd_core.config import Profile
-from sd_core.sampling.grid import SampleGrid, find_checkpoint, grid_is_valid, make_sample_grid
-from sd_core.training.checkpoint import CheckpointConfig
+
+if TYPE_CHECKING:  # torch's modules load in the asset body, not with the code location (sd_assets.assets.latents)
+    from sd_core.sampling.grid import SampleGrid
+    from sd_core.training.checkpoint import CheckpointConfig
 
 
 def upstream_checkpoint(context: dg.AssetExecutionContext) -> Path | None:
@@ -49,7 +51,7 @@ def png_b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def lineage_metadata(config: CheckpointConfig | None) -> dict[str, Any]:
+def lineage_metadata(config: "CheckpointConfig | None") -> dict[str, Any]:
     """The checkpoint's recorded lineage as ``lineage/{key}`` metadata entries."""
     if config is None:
         return {}
@@ -57,7 +59,7 @@ def lineage_metadata(config: CheckpointConfig | None) -> dict[str, Any]:
             for key, value in config.lineage().items()}
 
 
-def _grid_metadata(out: SampleGrid, profile: Profile) -> dict[str, Any]:
+def _grid_metadata(out: "SampleGrid", profile: Profile) -> dict[str, Any]:
     """The grid itself (a base64 PNG in markdown), the settings it was sampled with and its lineage."""
     cfg = profile.sample
     return {
@@ -79,7 +81,7 @@ def _grid_metadata(out: SampleGrid, profile: Profile) -> dict[str, Any]:
     }
 
 
-def _adherence(out: SampleGrid, profile: Profile) -> tuple[dict[str, Any], dg.AssetCheckResult]:
+def _adherence(out: "SampleGrid", profile: Profile) -> tuple[dict[str, Any], dg.AssetCheckResult]:
     """The prompt-adherence metadata and the check that warns at or below chance (tiny profile only)."""
     result = out.adherence
     if result is None:
@@ -113,6 +115,8 @@ def _adherence(out: SampleGrid, profile: Profile) -> tuple[dict[str, Any], dg.As
 def sample_grid(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.MaterializeResult:
     """DDIM (profile.sample.steps) + CFG (profile.sample.guidance) images of the fixed prompts × seeds from
     the latest checkpoint's EMA weights, as one PNG grid with the prompts as row labels."""
+    from sd_core.sampling.grid import find_checkpoint, grid_is_valid, make_sample_grid
+
     profile = sd.get()
     ckpt = upstream_checkpoint(context) or find_checkpoint(profile.checkpoints_dir)
     if ckpt is None:

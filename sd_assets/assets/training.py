@@ -37,13 +37,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import dagster as dg
-import torch
 from dagster._core.errors import DagsterPipesExecutionError  # not re-exported by `dagster` in 1.13
 
 from sd_assets.assets.latents import frozen_components, latents
 from sd_assets.resources import SDConfig
 from sd_core.config import Profile
-from sd_core.training.checkpoint import CheckpointError, load_unet, nonfinite_tensors, read_config, resolve_checkpoint
 from sd_core.training.launch import (check_nodes, node_global_ranks, rank_errors, stop_trainer_processes,
                                      trainer_command)
 from sd_core.training.metrics_log import loss_curve_markdown, read_metrics
@@ -70,11 +68,15 @@ def _nproc(config: TrainAssetConfig, train_nproc: int | None) -> int:
         return config.nproc_per_node
     if train_nproc:
         return int(train_nproc)
+    import torch  # here: the code location loads without torch (sd_assets.assets.latents)
+
     return max(1, torch.cuda.device_count())  # 0 without CUDA: one CPU process
 
 
 def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
     """Both weight sets of the checkpoint load into a UNet and hold only finite numbers."""
+    from sd_core.training.checkpoint import load_unet, nonfinite_tensors
+
     if ckpt is None:
         return dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, metadata={"error": "no checkpoint"})
     try:
@@ -232,6 +234,8 @@ def _trained_checkpoint(reported: dict[str, Any], out: Path) -> Path | None:
     """The checkpoint the trainer reported as ``checkpoint_path``, else the latest under ``out``; None if none."""
     raw = reported.get("checkpoint_path")
     path = getattr(raw, "value", raw) if raw is not None else None
+    from sd_core.training.checkpoint import CheckpointError, resolve_checkpoint
+
     try:
         return resolve_checkpoint(path or out)
     except CheckpointError:
@@ -240,6 +244,8 @@ def _trained_checkpoint(reported: dict[str, Any], out: Path) -> Path | None:
 
 def _lineage_metadata(ckpt: Path) -> dict[str, Any]:
     """Our own lineage: what this checkpoint was trained on, as the trainer recorded it in config.json."""
+    from sd_core.training.checkpoint import read_config
+
     cfg = read_config(ckpt)
     return {"checkpoint_path": dg.MetadataValue.path(str(ckpt)), "step": cfg.step, "shards": list(cfg.shards),
             "num_shards": len(cfg.shards), "filter_config": cfg.filter, "source": cfg.source,
@@ -247,4 +253,6 @@ def _lineage_metadata(ckpt: Path) -> dict[str, Any]:
 
 
 def _cuda_visible() -> bool:
+    import torch
+
     return torch.cuda.is_available()

@@ -45,74 +45,13 @@ import torch
 
 from sd_core.atomic import atomic_dir
 from sd_core.config import Profile
-from sd_core.data.synthetic import vocabulary
 from sd_core.encoding import vae_fit
 from sd_core.encoding.shipped_vae import ShippedFit, load_shipped_weights, shipped_fit_for, vae_fit_settings
+from sd_core.encoding.versions import (BUILD_FILE, ComponentSources, component_sources, read_build_info,
+                                       tiny_build_settings)
 from sd_core.machine import cpu_model
 
-BUILD_FILE = "build.json"
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
-BUILD_FORMAT = 1
-
-
-# ------------------------------------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class ComponentSources:
-    """Where each component is loaded from: a hub id or a local directory."""
-
-    vae: str
-    text_encoder: str
-    tokenizer: str
-
-
-def component_sources(profile: Profile) -> ComponentSources:
-    """The tiny profile's built directories, else the configured ids/dirs."""
-    c = profile.components
-    if c.build_tiny:
-        d = profile.components_dir
-        return ComponentSources(str(d / "vae"), str(d / "text_encoder"), str(d / "tokenizer"))
-    return ComponentSources(c.vae, c.text_encoder, c.tokenizer or c.text_encoder)
-
-
-def components_version(profile: Profile) -> str:
-    """A short hash of what decides the latents' meaning and is known from config alone: the component
-    sources (for the tiny profile: the build settings), the encode resolution, ``max_length``. Part of the
-    `latents` asset's ``code_version``; the built weights themselves are covered by `components_digest`."""
-    c = profile.components
-    if c.build_tiny:
-        src: dict[str, Any] = {"tiny": tiny_build_settings(profile)}
-    else:
-        src = {"vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": c.tokenizer or c.text_encoder}
-    src.update(resolution=profile.encode.resolution, max_length=c.max_length)
-    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def components_digest(profile: Profile) -> str:
-    """A digest of the components actually on disk: the tiny build's weight digest, a local directory's
-    configs and weight sizes, or "" for hub ids (their id is in `components_version`)."""
-    c = profile.components
-    if c.build_tiny:
-        info = read_build_info(profile.components_dir)
-        return str(info.get("digest", "")) if info else ""
-    h = hashlib.sha256()
-    local = False
-    for src in (c.vae, c.text_encoder, c.tokenizer or c.text_encoder):
-        p = Path(src)
-        if p.is_dir():
-            local = True
-            for f in sorted(p.rglob("*")):
-                if f.is_file():
-                    h.update(f.relative_to(p).as_posix().encode())
-                    h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
-    return h.hexdigest()[:12] if local else ""
-
-
-def read_build_info(components_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    p = Path(components_dir) / BUILD_FILE
-    if not p.exists():
-        return None
-    with open(p) as f:
-        return json.load(f)
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -232,26 +171,6 @@ def encode_text(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- tiny build
-def tiny_build_settings(profile: Profile) -> dict[str, Any]:
-    """The settings a tiny build depends on (its fingerprint; the VAE fit's are `vae_fit_settings`, the
-    weights digest in build.json covers the result)."""
-    c = profile.components
-    return {
-        "format": BUILD_FORMAT,
-        "vocabulary": _vocabulary(),
-        "max_length": c.max_length,
-        "text_hidden": profile.unet.ctx_dim,
-        "text_layers": c.tiny_text_layers,
-        "text_heads": c.tiny_text_heads,
-        **vae_fit_settings(profile),
-        "vae_shipped_fit": c.vae_shipped_fit,  # turning it off fits here instead of reusing the shipped weights
-    }
-
-
-def _vocabulary() -> list[str]:
-    return list(vocabulary())
-
-
 def build_tiny_tokenizer(words: Sequence[str], max_length: int):
     """A word-level fast tokenizer: lower-cased, split on whitespace and punctuation, unknown words →
     ``<|unk|>``, wrapped as BOS … EOS and padded with EOS (CLIP's convention). ids: BOS 0, EOS 1, UNK 2,

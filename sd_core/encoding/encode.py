@@ -42,8 +42,9 @@ import torch
 
 from sd_core.accel import autocast
 from sd_core.config import EncodeConfig, Profile
-from sd_core.encoding.components import component_sources, components_version, load_components, load_tokenizer, tokenize
+from sd_core.encoding.components import load_components, load_tokenizer, tokenize
 from sd_core.encoding.latent_cache import shard_paths, write_shard
+from sd_core.encoding.versions import component_sources
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -499,33 +500,3 @@ def latent_stats(cache_dir: str | os.PathLike[str], shard: str, chunk: int = 102
     mean = s / n if n else float("nan")
     std = math.sqrt(max(ss / n - mean * mean, 0.0)) if n else float("nan")
     return {"count": int(arr.shape[0]), "mean": mean, "std": std, "nonfinite": bad}
-
-
-# ------------------------------------------------------------------------------------------ versions
-ENCODE_FORMAT = "e1"  # bump when encoding itself changes (preprocessing, posterior mean, cache layout)
-
-
-def latents_code_version(profile: Profile) -> str:
-    """The version of a shard's latents under ``profile``: the encode format plus the components' version
-    (VAE / text encoder / tokenizer sources, resolution, max_length), so a VAE change makes every shard stale."""
-    return f"{ENCODE_FORMAT}-{components_version(profile)}"
-
-
-def tar_version(path: Path) -> str:
-    """Cheap identity of a shard tar: size and mtime (img2dataset rewrites the whole file)."""
-    st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def shard_status(profile: Profile, entry: dict[str, Any] | None, tar_path: Path, digest: str) -> str | None:
-    """Why shard needs (re-)encoding: "missing", "stale: ..." or None when its cache is current."""
-    if entry is None:
-        return "missing"
-    want = latents_code_version(profile)
-    if entry.get("code_version") != want:
-        return f"stale: code version {entry.get('code_version')} != {want}"
-    if digest and entry.get("components_digest") != digest:
-        return f"stale: components {entry.get('components_digest')} != {digest}"
-    if tar_path.exists() and entry.get("source_version") not in (None, tar_version(tar_path)):
-        return "stale: shard tar changed"
-    return None

@@ -17,9 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sd_core.atomic import atomic_dir
 from sd_core.config import Profile
@@ -28,6 +26,9 @@ from sd_core.data.synthetic import RENDER_VERSION
 SHIPPED_DIR = Path(__file__).with_name("tiny_vae")
 FIT_FILE = "fit.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+if TYPE_CHECKING:  # torch only for the annotation: `sd_core.encoding.versions` imports this module without it
+    import torch
 
 
 def vae_fit_settings(profile: Profile) -> dict[str, Any]:

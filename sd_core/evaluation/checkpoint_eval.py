@@ -38,8 +38,9 @@ from PIL import Image
 
 from sd_core.atomic import write_json_atomic
 from sd_core.config import Profile
-from sd_core.encoding.components import component_sources, tokenize
+from sd_core.encoding.components import tokenize
 from sd_core.encoding.latent_cache import read_shard_table
+from sd_core.encoding.versions import component_sources
 from sd_core.evaluation import clip_metrics as clipm
 from sd_core.evaluation import inception_fid
 from sd_core.evaluation import prompt_scorer

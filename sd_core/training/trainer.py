@@ -67,6 +67,7 @@ from sd_core.atomic import DiskFullError, write_json_atomic
 from sd_core.config import TrainConfig
 from sd_core.encoding import components as C
 from sd_core.encoding.latent_cache import DamagedShardError, LatentDataset
+from sd_core.encoding.versions import component_sources
 from sd_core.model.ema import EMA
 from sd_core.model.schedulers import DDPMScheduler
 from sd_core.model.unet import UNetModel
@@ -355,7 +356,7 @@ def load_text_encoder(settings: Settings, device: torch.device) -> tuple[Any, An
     if settings.components_dir is not None:
         te_src, tok_src = str(settings.components_dir / "text_encoder"), str(settings.components_dir / "tokenizer")
     else:
-        src = C.component_sources(settings.profile)
+        src = component_sources(settings.profile)
         te_src, tok_src = src.text_encoder, src.tokenizer
     for s in (te_src, tok_src):
         if (settings.components_dir is not None or settings.profile.components.build_tiny) and not Path(s).is_dir():
