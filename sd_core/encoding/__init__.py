@@ -5,4 +5,7 @@
 - `vae_fit`: fitting the tiny profile's VAE on the synthetic shapes.
 - `encode`: one image shard → its latents, with decode workers and one process per GPU.
 - `latent_cache`: the memory-mapped per-shard latent cache and the dataset the trainer reads.
+- `versions`: what makes latents stale (the components' sources, version and digest, a shard's encode status),
+  without torch, for the code location's code versions.
+- `shipped_vae`: the tiny VAE fit shipped in ``tiny_vae/``, reused when the settings match.
 """
