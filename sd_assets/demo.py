@@ -74,7 +74,7 @@ telemetry:
 # stays queued until a slot is free).
 run_queue:
   max_concurrent_runs: 2
-# Loading the code location imports torch: give slow machines time.
+# The code location loads in 1-2 s (without torch), but a code server on a busy, slow machine can take far longer.
 code_servers:
   local_startup_timeout: 300
 """
