@@ -85,12 +85,13 @@ def _sync(device: torch.device) -> None:
 def run_case(name: str, build, device: torch.device, dtype: torch.dtype, steps: int, repeats: int) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from sd_core.encoding.components import vae_downsampling
     from sd_core.model.convert import to_diffusers
     from sd_core.model.schedulers import DDIMScheduler as OurDDIM
 
     unet, te, tok, vae, prompts, size = build(device, dtype)
     unet, te, vae = (m.to(device=device, dtype=dtype).eval() for m in (unet, te, vae))
-    d_unet = to_diffusers(unet, sample_size=size // 2 ** (len(vae.config.block_out_channels) - 1)).eval()
+    d_unet = to_diffusers(unet, sample_size=size // vae_downsampling(vae.config.block_out_channels)).eval()
     cfg = {k: v for k, v in OurDDIM().config_dict().items() if not k.startswith("_")}
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=d_unet, scheduler=DDIMScheduler(**cfg),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)

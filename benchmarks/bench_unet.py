@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sd_core.config import Profile, UNetConfig  # noqa: E402
+from sd_core.encoding.components import vae_downsampling  # noqa: E402
 from sd_core.machine import cpu_model  # noqa: E402
 from sd_core.model.convert import to_diffusers  # noqa: E402
 from sd_core.model.unet import UNetModel  # noqa: E402
@@ -88,7 +89,7 @@ def bench_cpu(args) -> str:
     theirs = to_diffusers(ours)
     n_params = sum(p.numel() for p in ours.parameters())
     tiny = Profile.tiny()  # the tiny profile's latent side: its image size over the VAE's halvings (64 px -> 8)
-    side = tiny.encode.resolution // 2 ** (len(tiny.components.tiny_vae_channels) - 1)
+    side = tiny.encode.resolution // vae_downsampling(tiny.components.tiny_vae_channels)
     x, t, ctx, noise = inputs(config, args.batch, side, 16)
     steps = {"ours": make_step(ours, False), "diffusers": make_step(theirs, True)}
     load0 = os.getloadavg()

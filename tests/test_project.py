@@ -32,7 +32,8 @@ def test_definitions_validate():
 
 def _modules_after(code: str) -> list[str]:
     """The heavy modules a fresh interpreter holds after running ``code`` (None entries: blocked imports)."""
-    probe = code + "\nimport sys; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if sys.modules.get(m)))"
+    heavy = ("torch", "diffusers", "transformers")
+    probe = f"{code}\nimport sys; print(sorted(m for m in {heavy!r} if sys.modules.get(m)))"
     res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     return eval(res.stdout.strip().splitlines()[-1])

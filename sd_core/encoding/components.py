@@ -55,6 +55,12 @@ BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 
 
 # -------------------------------------------------------------------------------------------- loading
+def vae_downsampling(block_out_channels: Sequence[int]) -> int:
+    """Pixel → latent side ratio of an ``AutoencoderKL`` with these block widths: it halves the side between
+    consecutive blocks (SD's four blocks: 8; the tiny VAE's four: 64 px → 8×8)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 @dataclass
 class FrozenComponents:
     """The loaded, frozen VAE / text encoder / tokenizer and the helpers every stage uses."""
@@ -77,7 +83,7 @@ class FrozenComponents:
     @property
     def downsample(self) -> int:
         """Pixel → latent side ratio (8 for SD's VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae.config.block_out_channels)
 
     @property
     def context_dim(self) -> int:
@@ -367,7 +373,7 @@ def describe_pretrained(p: Profile) -> tuple[dict[str, Any], str]:
         "text_encoder_params": _config_params(te_cfg, "te"),
         "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
         "latent_shape": [vae_cfg["latent_channels"]] + [
-            p.encode.resolution // 2 ** (len(vae_cfg["block_out_channels"]) - 1)] * 2,
+            p.encode.resolution // vae_downsampling(vae_cfg["block_out_channels"])] * 2,
         "context_shape": [p.components.max_length, te_cfg["hidden_size"]],
         "vocab_size": len(tok),
     }

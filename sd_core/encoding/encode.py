@@ -42,7 +42,7 @@ import torch
 
 from sd_core.accel import autocast
 from sd_core.config import EncodeConfig, Profile
-from sd_core.encoding.components import load_components, load_tokenizer, tokenize
+from sd_core.encoding.components import load_components, load_tokenizer, tokenize, vae_downsampling
 from sd_core.encoding.latent_cache import shard_paths, write_shard
 from sd_core.encoding.versions import component_sources
 
@@ -393,7 +393,7 @@ def _merge_in_tar_order(parts: list[_Part], no_latents: np.ndarray
 
 def _no_latents(vae_cfg: Any, resolution: int) -> np.ndarray:
     """An empty (0, C, h, w) latents array of the shape the VAE gives at ``resolution``."""
-    side = resolution // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    side = resolution // vae_downsampling(vae_cfg["block_out_channels"])
     return np.zeros((0, int(vae_cfg["latent_channels"]), side, side), np.float32)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_core.atomic import atomic_dir
+from sd_core.encoding.components import vae_downsampling
 from sd_core.model.convert import to_diffusers
 from sd_core.model.schedulers import DDIMScheduler
 from sd_core.sampling.generate import CompatibilityError, add_component_arguments, check_compatible, load_for_sampling
@@ -48,7 +49,7 @@ def build_pipeline(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, scali
     sample_size = getattr(vae.config, "sample_size", None)
     if sample_size:
         size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        latent_size = int(size) // 2 ** (len(vae.config.block_out_channels) - 1)
+        latent_size = int(size) // vae_downsampling(vae.config.block_out_channels)
     d_unet = to_diffusers(unet, sample_size=latent_size or 64)
     cfg = {k: v for k, v in (sampler or DDIMScheduler()).config_dict().items() if not k.startswith("_")}
     scheduler = DiffusersDDIM(**cfg)

@@ -32,7 +32,7 @@ from torch import nn
 
 from sd_core.config import (DATA_ROOT_ENV, PROFILE_ENV, ConfigError, Profile, SampleConfig, field_arg, get_profile,
                             json_object_arg, positive_int_arg)
-from sd_core.encoding.components import encode_text, load_components, tokenize
+from sd_core.encoding.components import encode_text, load_components, tokenize, vae_downsampling
 from sd_core.model.schedulers import DDIMScheduler, DDPMScheduler, sampler_for
 from sd_core.model.unet import UNetModel
 from sd_core.training import checkpoint as ckpt_mod
@@ -71,10 +71,6 @@ def _module_device_dtype(module: Any) -> tuple[torch.device, torch.dtype]:
     for p in module.parameters():
         return p.device, p.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _vae_scale_factor(vae: Any) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _unet_in_channels(unet: Any) -> int:
@@ -232,7 +228,7 @@ def _negatives_for(negative_prompts: str | Sequence[str] | None, n: int) -> list
 def _latent_shape(unet: Any, vae: Any, height: int, width: int) -> tuple[int, int, int, int]:
     """The shape of one image's initial latents, (1, C, h, w); the image size must be a multiple of the VAE's
     downsampling."""
-    factor = _vae_scale_factor(vae)
+    factor = vae_downsampling(vae.config.block_out_channels)
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor} (the VAE's downsampling), "
                          f"got {height}×{width}")
@@ -579,7 +575,7 @@ def _image_size(parser: argparse.ArgumentParser, args: argparse.Namespace, sampl
     """(height, width): the flags' or the profile's, each a multiple of the latent factor: the VAE's
     downsampling times the UNet's (its levels halve the latents), only known once both are loaded (sd15:
     8 × 8 = 64 px). Otherwise an argparse error (exit 2) naming the flag, or the profile field."""
-    vae_factor = _vae_scale_factor(bundle.vae)
+    vae_factor = vae_downsampling(bundle.vae.config.block_out_channels)
     unet_factor = 2 ** (len(getattr(bundle.unet.config, "ch_mults", (1,))) - 1)
     factor = vae_factor * unet_factor
     sizes = []
