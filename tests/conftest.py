@@ -77,16 +77,16 @@ def tiny_built(tmp_path_factory: pytest.TempPathFactory, tiny_profile: Callable[
     return p.components_dir
 
 
-# The slowest test files, slowest first (seconds each, the 60 longest of `pytest -n 2 --dist loadfile
-# --durations=60` on a 2-core Intel Xeon @ 2.60GHz, 2026-12-02, cold inductor cache: cli_backfill 140, demo 136,
-# multinode 72 (torchrun launches), shards 79, data_assets 58, training_asset 51, evaluation_asset 47, bench_gpu 52,
-# recipe_flags ~30 (its compiled run is `slow`: 232 s with a cold inductor cache), latents_asset 30, components 21).
-# `make test` runs with `--dist loadfile --no-loadscope-reorder`, so xdist hands files out in this order: the long
-# ones start at once instead of becoming the run's tail (longest-first scheduling).
+# The slowest test files, slowest first (seconds each, summed from `make test`'s junit report on a 2-core AMD EPYC
+# Zen 5, 2026-12-07, after the code location and the downloader stopped importing torch: demo 112 (its fixture is
+# the whole demo-fast graph), multinode 52 (torchrun launches), shards 48, training_asset 45, cli_backfill 40,
+# data_assets 32, bench_gpu 32, recipe_flags 30 (its compiled run is `slow`), evaluation_asset 26, latents_asset 22,
+# encode 18, components 17). `make test` runs with `--dist loadfile --no-loadscope-reorder`, so xdist hands files
+# out in this order: the long ones start at once instead of becoming the run's tail (longest-first scheduling).
 SLOWEST_FILES_FIRST = [
-    "test_cli_backfill.py", "test_demo.py", "test_shards.py", "test_multinode.py", "test_data_assets.py",
-    "test_bench_gpu.py", "test_training_asset.py", "test_evaluation_asset.py", "test_recipe_flags.py",
-    "test_latents_asset.py", "test_components.py",
+    "test_demo.py", "test_multinode.py", "test_shards.py", "test_training_asset.py", "test_cli_backfill.py",
+    "test_data_assets.py", "test_bench_gpu.py", "test_recipe_flags.py", "test_evaluation_asset.py",
+    "test_latents_asset.py", "test_encode.py", "test_components.py",
 ]
 
 
