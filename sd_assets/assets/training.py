@@ -232,10 +232,10 @@ def _run_worker_node(context: dg.AssetExecutionContext, cmd: list[str], env: dic
 
 def _trained_checkpoint(reported: dict[str, Any], out: Path) -> Path | None:
     """The checkpoint the trainer reported as ``checkpoint_path``, else the latest under ``out``; None if none."""
-    raw = reported.get("checkpoint_path")
-    path = getattr(raw, "value", raw) if raw is not None else None
     from sd_core.training.checkpoint import CheckpointError, resolve_checkpoint
 
+    raw = reported.get("checkpoint_path")
+    path = getattr(raw, "value", raw) if raw is not None else None
     try:
         return resolve_checkpoint(path or out)
     except CheckpointError:
