@@ -1,5 +1,6 @@
 """The project skeleton: config presets and the Dagster code location."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def _modules_after(code: str) -> list[str]:
     probe = f"{code}\nimport sys; print(sorted(m for m in {heavy!r} if sys.modules.get(m)))"
     res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    return eval(res.stdout.strip().splitlines()[-1])
+    return ast.literal_eval(res.stdout.strip().splitlines()[-1])
 
 
 def test_the_code_location_loads_without_torch():
