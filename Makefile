@@ -36,7 +36,8 @@ validate:
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
 # The whole graph through the `dagster` CLI into $(DATA_ROOT) (instance: $(DATA_ROOT)/dagster_home); a second run
-# reuses what is materialised. Other settings: make demo CONFIG=configs/demo-fast.yaml
+# reuses what is materialised, and re-runs what changed settings change. Other settings:
+# make demo CONFIG=configs/demo-fast.yaml
 CONFIG ?= configs/tiny.yaml
 PORT ?= 3000
 DAGSTER_HOME_DIR = $(abspath $(DATA_ROOT))/dagster_home

@@ -19,8 +19,10 @@ result. Each unpartitioned stage is one ``dagster asset materialize -m sd_assets
 ``workspace.yaml`` names); the shard stage runs that command with ``--partition K`` once per shard, all in one
 ``python -m sd_assets.materialize_batch`` subprocess (one Dagster run per shard; the imports paid once).
 Before each stage the instance is queried: an asset (partition) already
-materialised with its current code version, whose upstream did not run in this invocation, is skipped, so
-a second ``make demo`` only prints the result. Partitioned assets ignore a re-run of unpartitioned
+materialised with its current code version and with the settings it declares unchanged (the run config of
+its latest materialisation against this one: `Freshness`), whose upstream did not run in this invocation,
+is skipped, so a second ``make demo`` only prints the result, and one with other settings re-runs what they
+change (and everything downstream of it). Partitioned assets ignore a re-run of unpartitioned
 upstream assets (as ``AutomationCondition.on_missing`` does: a refreshed metadata table only adds shards).
 
 Also:
@@ -49,6 +51,8 @@ from sd_assets.materialize_batch import DEFS_MODULE, MARKER
 
 if TYPE_CHECKING:  # dagster is imported lazily: --init-home stays fast
     import dagster as dg
+
+    from sd_core.config import Profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,14 +100,15 @@ def load_run_config(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """Merge YAML run config files (later files win, nested mappings merged)."""
     merged: dict[str, Any] = {}
     for p in paths:
-        merged = _deep_merge(merged, yaml.safe_load(Path(p).read_text()) or {})
+        merged = deep_merge(merged, yaml.safe_load(Path(p).read_text()) or {})
     return merged
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` with ``b`` laid over it: nested mappings merged, any other value of ``b`` replacing ``a``'s."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -149,11 +154,27 @@ def plan_stages(graph: Any) -> list[Stage]:
 
 
 class Freshness:
-    """Answers "does (asset, partition) need a run?" from the instance, plus what ran in this invocation."""
+    """Answers "does (asset, partition) need a run?" from the instance, plus what ran in this invocation.
 
-    def __init__(self, instance: "dg.DagsterInstance", graph: Any, code_versions: dict[Any, str | None]):
+    Stale: never materialised, another code version, a settings change (the settings the asset declares with
+    `sd_assets.resources.settings_read`, compared between the run config that made its latest materialisation
+    and ``profile``: a model trained with configs/demo-fast.yaml does not pass for the demo's), or an
+    upstream asset re-ran."""
+
+    def __init__(self, instance: "dg.DagsterInstance", graph: Any, code_versions: dict[Any, str | None],
+                 settings: dict[Any, tuple[str, ...]] | None = None, profile: "Profile | None" = None):
         self.instance, self.graph, self.code_versions = instance, graph, code_versions
+        self.settings, self.profile = settings or {}, profile
         self.ran: set[tuple[Any, str | None]] = set()
+
+    @classmethod
+    def of(cls, instance: "dg.DagsterInstance", defs: Any, run_config: dict[str, Any]) -> "Freshness":
+        """For a demo run with ``run_config``: every asset's code version and declared settings from ``defs``."""
+        from sd_assets.resources import declared_settings, run_profile
+
+        specs = defs.resolve_all_asset_specs()
+        return cls(instance, defs.resolve_asset_graph(), {s.key: s.code_version for s in specs},
+                   {s.key: declared_settings(s.metadata) for s in specs}, run_profile(run_config))
 
     def latest(self, key: Any, partition: str | None) -> Any:
         import dagster as dg
@@ -161,6 +182,21 @@ class Freshness:
         flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None)
         records = self.instance.fetch_materializations(flt, limit=1).records
         return records[0] if records else None
+
+    def setting_changes(self, key: Any, record: Any) -> list[str]:
+        """The settings ``key`` declares that differ between the run that made ``record`` and ``profile``."""
+        from sd_assets.resources import run_profile
+        from sd_core.config import ConfigError, setting_changes
+
+        names = self.settings.get(key, ())
+        run = self.instance.get_run_by_id(record.run_id) if names and self.profile is not None else None
+        if run is None:  # nothing declared, or the run was deleted: no evidence of a change
+            return []
+        try:
+            before = run_profile(run.run_config)
+        except ConfigError as exc:  # e.g. a field this version no longer has
+            return [f"the settings of run {run.run_id} no longer load ({exc})"]
+        return setting_changes(before, self.profile, names)
 
     def needs_run(self, key: Any, partition: str | None) -> str | None:
         """The reason (asset, partition) must run, or None when it is up to date."""
@@ -171,6 +207,9 @@ class Freshness:
         have = (record.asset_materialization.tags or {}).get("dagster/code_version")
         if want is not None and have != want:
             return f"code version {have} -> {want}"
+        if changes := self.setting_changes(key, record):
+            more = f" (+{len(changes) - 3} more)" if len(changes) > 3 else ""
+            return "settings changed: " + "; ".join(changes[:3]) + more
         for up in self.graph.get(key).parent_keys:
             up_parted = self.graph.has(up) and self.graph.get(up).partitions_def is not None
             if partition is not None and not up_parted:
@@ -308,7 +347,6 @@ class Demo:
 
         defs = importlib.import_module(DEFS_MODULE).defs
         graph = defs.resolve_asset_graph()
-        code_versions = {s.key: s.code_version for s in defs.resolve_all_asset_specs()}
         stages = plan_stages(graph)
         config_path = self.home / "demo_run_config.yaml"
         config_path.write_text(yaml.safe_dump(self.run_config, sort_keys=False))
@@ -318,7 +356,7 @@ class Demo:
             ("[shard] " if s.partitioned else "") + ",".join(k.to_user_string() for k in s.keys) for s in stages))
         runs: list[StageRun] = []
         with dg.DagsterInstance.get() as instance:
-            fresh = Freshness(instance, graph, code_versions)
+            fresh = Freshness.of(instance, defs, self.run_config)
             for i, stage in enumerate(stages, 1):
                 partitions: list[str | None] = (
                     list(instance.get_dynamic_partitions(shards.name)) if stage.partitioned else [None])
@@ -507,6 +545,14 @@ def main(argv: list[str] | None = None) -> int:
         print(",".join(missing_partitions(args.missing, data_root)))
         return 0
 
+    from sd_assets.resources import run_profile
+    from sd_core.config import ConfigError
+
+    try:  # refuse settings that do not load before any stage starts, naming the config files
+        run_profile(run_config)
+    except ConfigError as exc:
+        print(f"sd-pipeline demo: {', '.join(map(str, configs))}: {exc}", file=sys.stderr)
+        return 2
     try:
         result = Demo(data_root, run_config).run()
     except KeyboardInterrupt:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
 from sd_core.config import ConfigError, Profile, get_profile
+
+SETTINGS_KEY = "sd/settings"  # definition metadata: the profile settings an asset's result depends on
 
 
 class SDConfig(dg.ConfigurableResource):
@@ -28,3 +31,24 @@ class SDConfig(dg.ConfigurableResource):
             return get_profile(self.profile or None, self.data_root or None, self.overrides or None)
         except ConfigError as e:
             raise dg.Failure(description=f"run config: {e}") from None
+
+
+def run_profile(run_config: Mapping[str, Any]) -> Profile:
+    """The profile a run is configured with: its ``resources.sd.config``, empty values resolved as `SDConfig.get`
+    does. Raises `ConfigError` for settings that do not load (an unknown field, a value out of range)."""
+    cfg = ((run_config.get("resources") or {}).get("sd") or {}).get("config") or {}
+    return get_profile(cfg.get("profile") or None, cfg.get("data_root") or None, cfg.get("overrides") or None)
+
+
+def settings_read(*names: str) -> dict[str, str]:
+    """Definition metadata naming the profile settings an asset's result depends on: sections (``"train"``) or
+    fields (``"encode.precision"``). `make demo` re-runs the asset when one changed since its last
+    materialisation (`sd_core.config.setting_changes`); the UI lists them with the asset's definition."""
+    return {SETTINGS_KEY: ", ".join(names)}
+
+
+def declared_settings(metadata: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names an asset declared with `settings_read` (none: its result depends on no setting of its own)."""
+    value = metadata.get(SETTINGS_KEY)
+    text = getattr(value, "value", value) or ""
+    return tuple(name.strip() for name in str(text).split(",") if name.strip())

@@ -826,6 +826,27 @@ def _replace_checked(obj: Any, values: dict[str, Any], section: str) -> Any:
     return dataclasses.replace(obj, **values)
 
 
+def setting_changes(before: Profile, after: Profile, names: tuple[str, ...]) -> list[str]:
+    """Which of the settings ``names`` (a section, ``"train"``, or one field, ``"encode.precision"``) differ
+    from ``before`` to ``after``, one ``"section.field old -> new"`` per field: what decides whether an asset
+    made with ``before`` is stale under ``after`` (`make demo` re-runs it, and says why)."""
+    sections = {f.name for f in dataclasses.fields(Profile)} - {"name", "data_root"}
+    changes: list[str] = []
+    for name in names:
+        section, _, only = name.partition(".")
+        if section not in sections:
+            raise ConfigError(f"unknown setting {name!r}: a profile section ({', '.join(sorted(sections))}) "
+                              "or section.field")
+        old, new = getattr(before, section), getattr(after, section)
+        fields = [only] if only else [f.name for f in dataclasses.fields(old)]
+        for f in fields:
+            if not hasattr(old, f):
+                raise ConfigError(f"unknown setting {name!r}: section {section!r} has no field {f!r}")
+            if getattr(old, f) != getattr(new, f):
+                changes.append(f"{section}.{f} {getattr(old, f)!r} -> {getattr(new, f)!r}")
+    return changes
+
+
 PROFILES = {"tiny": Profile.tiny, "sd15": Profile.sd15}
 
 

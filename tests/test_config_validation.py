@@ -272,3 +272,19 @@ def test_the_generate_flags_share_the_sample_config_check():
     with pytest.raises(ConfigError) as from_config:
         SampleConfig(steps=0)
     assert str(from_flag.value) == str(from_config.value)
+
+
+def test_setting_changes_name_each_changed_field_with_both_values(tmp_path):
+    # what `make demo` prints as the reason an asset re-runs (sd_assets.demo.Freshness)
+    from sd_core.config import setting_changes
+
+    before = Profile.tiny(tmp_path)
+    after = before.with_overrides({"train": {"max_steps": 8, "lr": 1e-3}, "encode": {"batch_size": 4}})
+    assert setting_changes(before, after, ("train",)) == ["train.max_steps 1250 -> 8"]  # lr: the same value
+    assert setting_changes(before, after, ("unet", "encode.precision")) == []  # batch_size not asked for
+    assert setting_changes(before, after, ("encode.batch_size",)) == ["encode.batch_size 64 -> 4"]
+    assert setting_changes(before, Profile.tiny(tmp_path / "elsewhere"), SECTIONS) == []  # not the data root
+    for bad, message in (("trian", "unknown setting 'trian': a profile section (components, "),
+                         ("train.maxsteps", "section 'train' has no field 'maxsteps'")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            setting_changes(before, after, (bad,))

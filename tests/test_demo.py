@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from e2e_support import ROOT, dagster, env_for
-from sd_assets.demo import load_run_config, plan_stages
+from sd_assets.demo import Freshness, deep_merge, load_run_config, plan_stages, sd_resource_config
 from sd_core.config import Profile, get_profile
 
 CONFIGS = ROOT / "configs"
@@ -196,7 +196,6 @@ def test_a_rerun_upstream_re_runs_its_children_in_the_same_stage(demo):
     # change: a re-trained unet_checkpoint must take checkpoint_eval and sample_grid with it (else the old
     # grid and scores stand as the new checkpoint's), and a re-downloaded shard its latents.
     from sd_assets.definitions import defs
-    from sd_assets.demo import Freshness
 
     graph = defs.resolve_asset_graph()
     versions = {spec.key: spec.code_version for spec in defs.resolve_all_asset_specs()}
@@ -214,6 +213,72 @@ def test_a_rerun_upstream_re_runs_its_children_in_the_same_stage(demo):
         old = {**versions, dg.AssetKey("frozen_components"): "1-an0ldversion"}
         todo = Freshness(instance, graph, old).stage_todo(first.keys, None)
         assert todo[0][0] == dg.AssetKey("frozen_components") and todo[0][1].startswith("code version 1-"), todo
+
+
+def _fresh_for(demo: DemoRun, instance: dg.DagsterInstance, *configs: Path, **overrides: dict) -> Freshness:
+    """How `python -m sd_assets.demo -c CONFIGS` (plus ``overrides``) would judge the demo's data root."""
+    from sd_assets.definitions import defs
+
+    run_config = deep_merge(load_run_config(configs), {"resources": {"sd": {"config": {"overrides": overrides}}}})
+    sd_resource_config(run_config)["data_root"] = str(demo.data_root)
+    return Freshness.of(instance, defs, run_config)
+
+
+def _todo(fresh: Freshness, stage, partition: str | None) -> list[tuple[str, str]]:
+    return [(k.to_user_string(), why) for k, why in fresh.stage_todo(stage.keys, partition)]
+
+
+def test_other_settings_re_run_what_they_change_and_what_follows(demo):
+    # `make demo CONFIG=configs/demo-fast.yaml`, then `make demo` into the same data root: the 4-step model
+    # (and the 4-step VAE fit, and its shards) must not pass for the real demo's because the code is the same
+    from sd_assets.definitions import defs
+
+    first, shard_stage, last = plan_stages(defs.resolve_asset_graph())
+    with demo.instance() as instance:
+        shard = instance.get_dynamic_partitions("shards")[0]
+        same = _fresh_for(demo, instance, CONFIGS / "demo-fast.yaml")
+        assert [_todo(same, s, p) for s, p in ((first, None), (shard_stage, shard), (last, None))] == [[], [], []]
+        # one sampler setting: only the grid; one training setting: the checkpoint and what scores it
+        steps = _fresh_for(demo, instance, CONFIGS / "demo-fast.yaml", sample={"steps": 6})
+        assert _todo(steps, last, None) == [("sample_grid", "settings changed: sample.steps 4 -> 6")]
+        lr = _fresh_for(demo, instance, CONFIGS / "demo-fast.yaml", train={"lr": 0.002}, encode={"batch_size": 4})
+        assert _todo(lr, shard_stage, shard) == []  # the encoder's batch size decides how fast, not what
+        assert _todo(lr, last, None) == [("unet_checkpoint", "settings changed: train.lr 0.001 -> 0.002"),
+                                         ("checkpoint_eval", "unet_checkpoint re-runs"),
+                                         ("sample_grid", "unet_checkpoint re-runs")]
+        real = _fresh_for(demo, instance, CONFIGS / "tiny.yaml")
+        assert dict(_todo(real, first, None)) == {
+            "frozen_components": "settings changed: components.vae_fit_steps 4 -> 3200",
+            "laion_metadata": "settings changed: source.synthetic_rows 60 -> 2000",
+            "filtered_metadata": "laion_metadata re-runs"}
+        shard_todo = dict(_todo(real, shard_stage, shard))
+        assert shard_todo["image_shards"].startswith("settings changed: source.synthetic_rows 60 -> 2000; "
+                                                     "download.shard_size 25 -> 500"), shard_todo
+        assert shard_todo["latents"] == "settings changed: components.vae_fit_steps 4 -> 3200"
+        assert [k for k, _ in _todo(real, last, None)] == ["unet_checkpoint", "checkpoint_eval", "sample_grid"]
+
+
+def test_every_declared_setting_names_a_profile_setting(tmp_path):
+    # a typo in an asset's settings_read would only surface when `make demo` compares: refused here instead
+    from sd_assets.definitions import defs
+    from sd_assets.resources import declared_settings
+    from sd_core.config import setting_changes
+
+    declared = {s.key.to_user_string(): declared_settings(s.metadata) for s in defs.resolve_all_asset_specs()}
+    assert declared["unet_checkpoint"] == ("unet", "train") and declared["checkpoint_eval"] == ()
+    for names in declared.values():
+        assert setting_changes(Profile.tiny(tmp_path), Profile.sd15(tmp_path), names) or not names
+
+
+def test_a_demo_config_that_does_not_load_is_refused_before_any_stage(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"resources": {"sd": {"config": {"overrides": {"train": {"max_steps": -3}}}}}}))
+    done = subprocess.run([sys.executable, "-m", "sd_assets.demo", "-c", str(CONFIGS / "demo-fast.yaml"), "-c",
+                           str(bad), "--data-root", str(tmp_path / "data")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{bad}: train.max_steps = -3: must be an integer >= 1" in done.stderr
+    assert not (tmp_path / "data").exists()  # nothing created, nothing started
 
 
 def test_the_components_code_version_follows_the_vae_settings():

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from sd_assets.partitions import refuse_writes_outside, registrable_shards, shard_input, shard_partition_key, shards
-from sd_assets.resources import SDConfig
+from sd_assets.resources import SDConfig, settings_read
 from sd_core.data.filter import check_parts, existing_parts, filter_metadata, parts_version
 from sd_core.data.image_server import ImageServer
 from sd_core.data.metadata import fetch_source, files_version
@@ -32,6 +32,7 @@ def _register_shards(context: dg.AssetExecutionContext, keys: list[str]) -> list
 @dg.asset(
     group_name="metadata",
     code_version="1",
+    metadata=settings_read("source"),
     kinds={"parquet"},
     description="The source's LAION metadata parquet files, brought into {data_root}/metadata/ and checked: "
                 "the embedded synthetic source (default), a parquet path/glob/URL, or a Hugging Face dataset.",
@@ -61,6 +62,7 @@ def laion_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materi
     group_name="metadata",
     deps=[laion_metadata],
     code_version="2",  # 2: the url_policy funnel stage
+    metadata=settings_read("filter"),
     kinds={"duckdb", "parquet"},
     check_specs=[dg.AssetCheckSpec(
         "thresholds_hold", asset="filtered_metadata",
@@ -105,6 +107,10 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
     deps=[filtered_metadata],
     # 2: downloads under the URL policy guard; the render suffix: the synthetic images' pixels changed
     code_version=f"2.render{RENDER_VERSION}",
+    # the rows a shard holds (source, filter, shard size) and how its images are stored; not the download's
+    # pacing (threads, timeouts, watchdog), which decides how fast, not what
+    metadata=settings_read("source", "filter", "download.shard_size", "download.image_size",
+                           "download.resize_mode", "download.encode_quality"),
     kinds={"webdataset"},
     automation_condition=dg.AutomationCondition.on_missing(),
     description="One shard's images, downloaded by img2dataset (a subprocess in its own session, under a "

@@ -126,6 +126,8 @@ def _evaluator(profile: Profile, settings: "EvalSettings", first_checkpoint: Pat
     kinds={"pytorch"},
     pool="gpu",
     code_version="checkpoint_eval-1",
+    # no `settings_read`: it scores each checkpoint once, so a changed sampler alone would find nothing new to
+    # score; a new checkpoint (unet_checkpoint re-runs) re-runs it
     output_required=False,  # nothing new to score: no materialisation
 )
 def checkpoint_eval(context: dg.AssetExecutionContext, config: EvalAssetConfig, sd: SDConfig

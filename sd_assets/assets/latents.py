@@ -31,7 +31,7 @@ import dagster as dg
 
 from sd_assets.assets.data import image_shards
 from sd_assets.partitions import refuse_writes_outside, shard_input, shard_partition_key, shards
-from sd_assets.resources import SDConfig
+from sd_assets.resources import SDConfig, settings_read
 from sd_core.config import Profile, get_profile
 from sd_core.encoding.latent_cache import MANIFEST, shard_paths
 from sd_core.encoding.versions import (component_sources, components_digest, components_version, latents_code_version,
@@ -60,6 +60,7 @@ _LOADED = get_profile()  # the profile this code location was loaded with: decid
     # default, an override in the profile's environment) marks the components stale in the UI and in `make demo`,
     # instead of leaving the old build in place under latents encoded for the new settings
     code_version=f"1-{components_version(_LOADED)}",
+    metadata=settings_read("components"),  # the run config's own, which the code version cannot see
     kinds={"pytorch"},
     check_specs=[dg.AssetCheckSpec("vae_reconstructs", asset="frozen_components",
                                    description=f"tiny profile: the fitted VAE's reconstruction PSNR on held-out "
@@ -136,6 +137,8 @@ def build_latents_asset(profile: Profile) -> dg.AssetsDefinition:
         partitions_def=shards,
         deps=[image_shards, frozen_components],
         code_version=loaded_version,
+        # the VAE and tokenizer the latents come from, and what shapes them; not the batch size or workers
+        metadata=settings_read("components", "encode.resolution", "encode.precision"),
         automation_condition=dg.AutomationCondition.on_missing(),
         pool="gpu",
         kinds={"numpy"},

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 
 from sd_assets.assets.training import unet_checkpoint
-from sd_assets.resources import SDConfig
+from sd_assets.resources import SDConfig, settings_read
 from sd_core.config import Profile
 
 if TYPE_CHECKING:  # torch's modules load in the asset body, not with the code location (sd_assets.assets.latents)
@@ -105,6 +105,7 @@ def _adherence(out: "SampleGrid", profile: Profile) -> tuple[dict[str, Any], dg.
     kinds={"pytorch"},
     pool="gpu",
     code_version="sample_grid-1",
+    metadata=settings_read("sample"),
     check_specs=[
         dg.AssetCheckSpec("grid_exists", asset="sample_grid",
                           description="samples/{run}/grid.png exists and is a readable PNG of the expected size"),

@@ -40,7 +40,7 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError  # not re-exported by `dagster` in 1.13
 
 from sd_assets.assets.latents import frozen_components, latents
-from sd_assets.resources import SDConfig
+from sd_assets.resources import SDConfig, settings_read
 from sd_core.config import Profile
 from sd_core.training.launch import (check_nodes, node_global_ranks, rank_errors, stop_trainer_processes,
                                      trainer_command)
@@ -99,6 +99,7 @@ def checkpoint_check(ckpt: Path | None) -> dg.AssetCheckResult:
 @dg.multi_asset(
     specs=[dg.AssetSpec("unet_checkpoint", group_name="training", deps=[latents, frozen_components],
                         kinds={"pytorch"}, code_version="unet_checkpoint-1", skippable=True,
+                        metadata=settings_read("unet", "train"),
                         description="The UNet trained on every encoded latent shard (torchrun + Dagster Pipes).")],
     check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="unet_checkpoint", blocking=True,
                                    description="the checkpoint's UNet and EMA weights load and hold no NaN/inf")],
