@@ -33,13 +33,15 @@ Also:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +95,30 @@ def ensure_dagster_home(home: Path) -> Path:
         tmp.write_text(DAGSTER_YAML)
         tmp.replace(cfg)
     return home
+
+
+class DemoBusy(RuntimeError):
+    """Another demo holds the data root's lock."""
+
+
+@contextlib.contextmanager
+def demo_lock(home: Path) -> Iterator[None]:
+    """One demo per data root at a time: a second would build the same components into the same folder and
+    train beside the first on the same cores. An advisory ``flock`` on ``{home}/demo.lock``, which the kernel
+    drops when its process dies, so a killed demo leaves no stale lock behind; the file names the holder."""
+    with open(home / "demo.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise DemoBusy(f"another demo (pid {holder}) is running on {home.parent}: wait for it, or stop it "
+                           "(Ctrl-C in its terminal); what it finished stays materialised") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
 
 
 # ------------------------------------------------------------------------------------------ run config
@@ -554,7 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sd-pipeline demo: {', '.join(map(str, configs))}: {exc}", file=sys.stderr)
         return 2
     try:
-        result = Demo(data_root, run_config).run()
+        with demo_lock(ensure_dagster_home(data_root / "dagster_home")):
+            result = Demo(data_root, run_config).run()
+    except DemoBusy as exc:
+        print(f"sd-pipeline demo: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: the running stage was stopped; `make demo` again continues from what is materialised")
         return 130

@@ -281,6 +281,23 @@ def test_a_demo_config_that_does_not_load_is_refused_before_any_stage(tmp_path):
     assert not (tmp_path / "data").exists()  # nothing created, nothing started
 
 
+def test_a_second_demo_on_the_same_data_root_is_refused_while_the_first_runs(tmp_path):
+    # while one demo runs (here: this test holds its lock), another on the same data root is refused at once,
+    # naming the holder; on another data root it would run
+    from sd_assets.demo import demo_lock, ensure_dagster_home
+
+    home = ensure_dagster_home(tmp_path / "data" / "dagster_home")
+    cmd = [sys.executable, "-m", "sd_assets.demo", "-c", str(CONFIGS / "demo-fast.yaml"), "--data-root",
+           str(tmp_path / "data")]
+    with demo_lock(home):
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert f"another demo (pid {os.getpid()}) is running on {tmp_path / 'data'}" in done.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["dagster.yaml", "demo.lock"]  # no run, no run config
+    with demo_lock(home):  # released by the holder: the next one takes it
+        pass
+
+
 def test_the_components_code_version_follows_the_vae_settings():
     from sd_assets.definitions import defs
     from sd_core.encoding.versions import components_version
