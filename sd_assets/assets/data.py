@@ -62,7 +62,7 @@ def laion_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Materi
     group_name="metadata",
     deps=[laion_metadata],
     code_version="2",  # 2: the url_policy funnel stage
-    metadata=settings_read("filter"),
+    metadata=settings_read("filter", "download.shard_size"),  # it cuts the parts: rows that are new to it
     kinds={"duckdb", "parquet"},
     check_specs=[dg.AssetCheckSpec(
         "thresholds_hold", asset="filtered_metadata",
@@ -107,10 +107,9 @@ def filtered_metadata(context: dg.AssetExecutionContext, sd: SDConfig) -> dg.Mat
     deps=[filtered_metadata],
     # 2: downloads under the URL policy guard; the render suffix: the synthetic images' pixels changed
     code_version=f"2.render{RENDER_VERSION}",
-    # the rows a shard holds (source, filter, shard size) and how its images are stored; not the download's
-    # pacing (threads, timeouts, watchdog), which decides how fast, not what
-    metadata=settings_read("source", "filter", "download.shard_size", "download.image_size",
-                           "download.resize_mode", "download.encode_quality"),
+    # how its images are stored, not the download's pacing (threads, timeouts, watchdog): that decides how fast,
+    # not what. Which rows it holds is its shard part's, cut once by filtered_metadata and never changed
+    metadata=settings_read("download.image_size", "download.resize_mode", "download.encode_quality"),
     kinds={"webdataset"},
     automation_condition=dg.AutomationCondition.on_missing(),
     description="One shard's images, downloaded by img2dataset (a subprocess in its own session, under a "
