@@ -122,11 +122,26 @@ def demo_lock(home: Path) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ run config
+class RunConfigError(ValueError):
+    """A run config file that cannot be read or is not a run config; the message names the file."""
+
+
 def load_run_config(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """Merge YAML run config files (later files win, nested mappings merged)."""
     merged: dict[str, Any] = {}
     for p in paths:
-        merged = deep_merge(merged, yaml.safe_load(Path(p).read_text()) or {})
+        try:
+            loaded = yaml.safe_load(Path(p).read_text())
+        except OSError as exc:
+            raise RunConfigError(f"{p}: cannot read it ({exc.strerror or exc})") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise RunConfigError(f"{p}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
+        if not isinstance(loaded, (dict, type(None))):
+            raise RunConfigError(f"{p}: a run config is a YAML mapping (resources: sd: config: ...), "
+                                 f"got {type(loaded).__name__}")
+        merged = deep_merge(merged, loaded or {})
     return merged
 
 
@@ -139,7 +154,16 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def sd_resource_config(run_config: dict[str, Any]) -> dict[str, Any]:
-    return run_config.setdefault("resources", {}).setdefault("sd", {}).setdefault("config", {})
+    """The ``resources.sd.config`` mapping of ``run_config`` (created empty where absent)."""
+    level, path = run_config, []
+    for key in ("resources", "sd", "config"):
+        path.append(key)
+        if level.get(key) is None:  # absent, or left empty in the YAML
+            level[key] = {}
+        level = level[key]
+        if not isinstance(level, dict):
+            raise RunConfigError(f"{'.'.join(path)} must be a mapping, got {type(level).__name__}")
+    return level
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -548,7 +572,7 @@ def missing_partitions(asset: str, data_root: Path) -> list[str]:
         return [k for k in instance.get_dynamic_partitions(shards.name) if k not in done and is_shard_key(k)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m sd_assets.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("-c", "--config", action="append", default=[],
                     help="run config YAML (repeatable, later files win); default configs/tiny.yaml")
@@ -556,38 +580,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="data root (default: the config's sd.data_root, else $SD_DATA_ROOT, else ./data)")
     ap.add_argument("--init-home", action="store_true", help="only create {data_root}/dagster_home/dagster.yaml")
     ap.add_argument("--missing", metavar="ASSET", help="print the ASSET's missing shard keys, comma-separated")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    configs = args.config or [REPO_ROOT / "configs" / "tiny.yaml"]
-    run_config = load_run_config(configs)
-    sd = sd_resource_config(run_config)
-    root = args.data_root or sd.get("data_root") or os.environ.get("SD_DATA_ROOT") or "data"
+
+def _run_config(configs: list[Any], data_root_arg: str | None) -> tuple[dict[str, Any], Path]:
+    """The merged run config with its data root resolved (flag, config, environment, ./data)."""
+    run_config = load_run_config(configs)  # its errors name the file
+    try:
+        sd = sd_resource_config(run_config)
+    except RunConfigError as exc:  # a problem of the merged files
+        raise RunConfigError(f"{', '.join(map(str, configs))}: {exc}") from None
+    root = data_root_arg or sd.get("data_root") or os.environ.get("SD_DATA_ROOT") or "data"
+    if not isinstance(root, str):
+        raise RunConfigError(f"{', '.join(map(str, configs))}: resources.sd.config.data_root must be a path, "
+                             f"got {type(root).__name__}")
     data_root = Path(root).expanduser().resolve()
     sd["data_root"] = str(data_root)
-    if args.init_home:
-        print(ensure_dagster_home(data_root / "dagster_home"))
-        return 0
-    if args.missing:
-        print(",".join(missing_partitions(args.missing, data_root)))
-        return 0
+    return run_config, data_root
 
-    from sd_assets.resources import run_profile
-    from sd_core.config import ConfigError
 
-    try:  # refuse settings that do not load before any stage starts, naming the config files
-        run_profile(run_config)
-    except ConfigError as exc:
-        print(f"sd-pipeline demo: {', '.join(map(str, configs))}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with demo_lock(ensure_dagster_home(data_root / "dagster_home")):
-            result = Demo(data_root, run_config).run()
-    except DemoBusy as exc:
-        print(f"sd-pipeline demo: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: the running stage was stopped; `make demo` again continues from what is materialised")
-        return 130
+def _print_result(result: dict[str, Any], data_root: Path) -> None:
     print()
     print(f"done in {result['total_s'] / 60:.1f} min ({result['total_s']:.0f} s)")
     if result.get("path"):
@@ -595,11 +607,45 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(result.get("score"), (int, float)):
         chance = result.get("chance")
         print(f"prompt adherence: {result['score']:.0%}" + (f" (chance {chance:.0%})" if chance else ""))
-    for line in evaluation_lines(result.get("evaluation")):
-        print(line)
-    for line in stage_lines(result["stages"]):
+    for line in [*evaluation_lines(result.get("evaluation")), *stage_lines(result["stages"])]:
         print(line)
     print(f"UI: make dev (DAGSTER_HOME={data_root / 'dagster_home'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sd_core.config import ConfigError
+
+    args = _arguments(argv)
+    configs = args.config or [REPO_ROOT / "configs" / "tiny.yaml"]
+    try:  # settings that do not load are refused before anything is created or started, naming the files
+        run_config, data_root = _run_config(configs, args.data_root)
+        if not (args.init_home or args.missing):
+            from sd_assets.resources import run_profile
+
+            run_profile(run_config)
+        home = ensure_dagster_home(data_root / "dagster_home")
+    except RunConfigError as exc:
+        print(f"sd-pipeline demo: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"sd-pipeline demo: {', '.join(map(str, configs))}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sd-pipeline demo: cannot create {data_root / 'dagster_home'}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if args.init_home or args.missing:
+        print(home if args.init_home else ",".join(missing_partitions(args.missing, data_root)))
+        return 0
+    try:
+        with demo_lock(home):
+            result = Demo(data_root, run_config).run()
+    except DemoBusy as exc:
+        print(f"sd-pipeline demo: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running stage was stopped; `make demo` again continues from what is materialised")
+        return 130
+    _print_result(result, data_root)
     return 0
 
 

@@ -270,15 +270,40 @@ def test_every_declared_setting_names_a_profile_setting(tmp_path):
         assert setting_changes(Profile.tiny(tmp_path), Profile.sd15(tmp_path), names) or not names
 
 
-def test_a_demo_config_that_does_not_load_is_refused_before_any_stage(tmp_path):
+BAD_CONFIGS = {  # file text -> what the refusal says after the file's name
+    "resources:\n  sd:\n    config:\n      overrides:\n        train:\n          max_steps: -3\n":
+        "train.max_steps = -3: must be an integer >= 1",
+    "resources: [1, 2\n": "not valid YAML at line 2, column 1",
+    "- 1\n- 2\n": "a run config is a YAML mapping (resources: sd: config: ...), got list",
+    "resources:\n  sd: 5\n": "resources.sd must be a mapping, got int",
+}
+
+
+@pytest.mark.parametrize("text", BAD_CONFIGS, ids=range(len(BAD_CONFIGS)))
+def test_a_demo_config_that_does_not_load_is_refused_before_anything_starts(text, tmp_path, capsys):
+    from sd_assets.demo import main
+
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"resources": {"sd": {"config": {"overrides": {"train": {"max_steps": -3}}}}}}))
-    done = subprocess.run([sys.executable, "-m", "sd_assets.demo", "-c", str(CONFIGS / "demo-fast.yaml"), "-c",
-                           str(bad), "--data-root", str(tmp_path / "data")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert f"{bad}: train.max_steps = -3: must be an integer >= 1" in done.stderr
+    bad.write_text(text)
+    assert main(["-c", str(CONFIGS / "demo-fast.yaml"), "-c", str(bad), "--data-root", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sd-pipeline demo: ") and str(bad) in err and BAD_CONFIGS[text] in err, err
     assert not (tmp_path / "data").exists()  # nothing created, nothing started
+
+
+def test_a_demo_refuses_a_config_file_it_cannot_read_or_a_data_root_it_cannot_create(tmp_path, capsys):
+    from sd_assets.demo import main
+
+    assert main(["-c", str(tmp_path / "absent.yaml")]) == 2
+    assert f"{tmp_path / 'absent.yaml'}: cannot read it (No such file or directory)" in capsys.readouterr().err
+    listed = tmp_path / "listed.yaml"  # the config's data root (no --data-root flag to take its place)
+    listed.write_text("resources:\n  sd:\n    config:\n      data_root: [1]\n")
+    assert main(["-c", str(listed)]) == 2
+    assert "resources.sd.config.data_root must be a path, got list" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["-c", str(CONFIGS / "demo-fast.yaml"), "--data-root", str(blocker / "data")]) == 1
+    assert f"cannot create {blocker / 'data' / 'dagster_home'}: Not a directory" in capsys.readouterr().err
 
 
 def test_a_second_demo_on_the_same_data_root_is_refused_while_the_first_runs(tmp_path):
