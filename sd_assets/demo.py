@@ -50,6 +50,7 @@ import yaml
 
 from sd_assets.demo_report import StageRun, stage_lines
 from sd_assets.materialize_batch import DEFS_MODULE, MARKER
+from sd_assets.run_config import RunConfigError, load_run_config, sd_resource_config
 
 if TYPE_CHECKING:  # dagster is imported lazily: --init-home stays fast
     import dagster as dg
@@ -119,51 +120,6 @@ def demo_lock(home: Path) -> Iterator[None]:
         fh.write(f"{os.getpid()}\n")
         fh.flush()
         yield
-
-
-# ------------------------------------------------------------------------------------------ run config
-class RunConfigError(ValueError):
-    """A run config file that cannot be read or is not a run config; the message names the file."""
-
-
-def load_run_config(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """Merge YAML run config files (later files win, nested mappings merged)."""
-    merged: dict[str, Any] = {}
-    for p in paths:
-        try:
-            loaded = yaml.safe_load(Path(p).read_text())
-        except OSError as exc:
-            raise RunConfigError(f"{p}: cannot read it ({exc.strerror or exc})") from None
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-            raise RunConfigError(f"{p}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
-        if not isinstance(loaded, (dict, type(None))):
-            raise RunConfigError(f"{p}: a run config is a YAML mapping (resources: sd: config: ...), "
-                                 f"got {type(loaded).__name__}")
-        merged = deep_merge(merged, loaded or {})
-    return merged
-
-
-def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """``a`` with ``b`` laid over it: nested mappings merged, any other value of ``b`` replacing ``a``'s."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def sd_resource_config(run_config: dict[str, Any]) -> dict[str, Any]:
-    """The ``resources.sd.config`` mapping of ``run_config`` (created empty where absent)."""
-    level, path = run_config, []
-    for key in ("resources", "sd", "config"):
-        path.append(key)
-        if level.get(key) is None:  # absent, or left empty in the YAML
-            level[key] = {}
-        level = level[key]
-        if not isinstance(level, dict):
-            raise RunConfigError(f"{'.'.join(path)} must be a mapping, got {type(level).__name__}")
-    return level
 
 
 # ------------------------------------------------------------------------------------------- planning

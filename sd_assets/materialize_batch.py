@@ -50,7 +50,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", action="append", required=True, help="a partition key; repeat for several")
     p.add_argument("-m", "--module", default=DEFS_MODULE, help=f"the code location module (default {DEFS_MODULE})")
     a = p.parse_args(argv)
+    refusal = config_refusal(a.config)
+    if refusal:
+        print(f"{MARKER}{refusal}", file=sys.stderr)
+        return 2
     return materialize_partitions(a.select, a.config, a.partition, a.module)
+
+
+def config_refusal(path: str) -> str | None:
+    """Why the run config file at ``path`` cannot run (naming it), or None: checked once here, instead of in
+    the first partition's run."""
+    from sd_assets.resources import run_profile
+    from sd_assets.run_config import RunConfigError, load_run_config
+    from sd_core.config import ConfigError
+
+    try:
+        run_config = load_run_config([path])
+    except RunConfigError as exc:  # names the file
+        return str(exc)
+    try:
+        run_profile(run_config)
+    except ConfigError as exc:
+        return f"{path}: {exc}"
+    return None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from e2e_support import ROOT, dagster, env_for
-from sd_assets.demo import Freshness, deep_merge, load_run_config, plan_stages, sd_resource_config
+from sd_assets.demo import Freshness, plan_stages
+from sd_assets.run_config import deep_merge, load_run_config, sd_resource_config
 from sd_core.config import Profile, get_profile
 
 CONFIGS = ROOT / "configs"
@@ -289,6 +290,19 @@ def test_a_demo_config_that_does_not_load_is_refused_before_anything_starts(text
     err = capsys.readouterr().err
     assert err.startswith("sd-pipeline demo: ") and str(bad) in err and BAD_CONFIGS[text] in err, err
     assert not (tmp_path / "data").exists()  # nothing created, nothing started
+
+
+@pytest.mark.parametrize("text", BAD_CONFIGS, ids=range(len(BAD_CONFIGS)))
+def test_a_shard_batch_refuses_the_same_configs_before_any_run(text, tmp_path, capsys, monkeypatch):
+    from sd_assets import materialize_batch
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))  # an instance would be made here: none must be
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert materialize_batch.main(["--select", "latents", "-c", str(bad), "--partition", "00000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sd-batch: {bad}: ") and BAD_CONFIGS[text] in err, err
+    assert not (tmp_path / "home").exists()
 
 
 def test_a_demo_refuses_a_config_file_it_cannot_read_or_a_data_root_it_cannot_create(tmp_path, capsys):

@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from e2e_support import BIN, DEFS_MODULE, ROOT, dagster, env_for
-from sd_assets.demo import ensure_dagster_home, load_run_config
+from sd_assets.demo import ensure_dagster_home
+from sd_assets.run_config import load_run_config
 from sd_core.config import Profile, get_profile
 
 CONFIG = ROOT / "configs" / "sd15-smoke.yaml"
