@@ -260,14 +260,17 @@ def write_shard(
 ) -> ShardEntry:
     """Write one shard's cache atomically and record it in the manifest; returns the manifest entry.
 
-    ``latents``: (N, C, h, w), stored as float16 (already scaled). ``token_ids``: (N, L) integers.
+    ``latents``: (N, C, h, w), stored as float16 (already scaled). ``token_ids``: (N, L) integers. Rows are
+    stored sorted by key: a shard's tar holds its images in the order their downloads finished, which changes
+    from run to run, and the trainer's shuffle is a permutation of the cache's order, so only a canonical order
+    lets the same config train the same model twice.
     Re-writing a shard replaces its files atomically; other shards' files are never touched.
     ``extra`` is merged into the manifest entry (e.g. skipped count, source tar).
     """
     cache = Path(cache_dir)
     paths = shard_paths(cache, shard)  # refuses a hostile shard name before anything is made
     cache.mkdir(parents=True, exist_ok=True)
-    lat, tok, keys, captions = _checked_shard(shard, latents, keys, captions, token_ids)
+    lat, tok, keys, captions = _sorted_by_key(*_checked_shard(shard, latents, keys, captions, token_ids))
     tmps: list[tuple[Path, Path]] = []
     committed = False
     try:
@@ -329,6 +332,15 @@ def _checked_shard(shard: str, latents: np.ndarray, keys: Sequence[str], caption
     if not np.isfinite(lat).all():
         raise ValueError(f"shard {shard}: latents contain NaN/inf (after float16 cast)")
     return lat, tok, keys, captions
+
+
+def _sorted_by_key(lat: np.ndarray, tok: np.ndarray, keys: list[str], captions: list[str]
+                   ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """The shard's rows in key order (a stable sort: rows of equal keys keep their order)."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    if order == list(range(len(keys))):
+        return lat, tok, keys, captions
+    return lat[order], tok[order], [keys[i] for i in order], [captions[i] for i in order]
 
 
 def _write_temporaries(paths: ShardPaths, lat: np.ndarray, tok: np.ndarray, keys: list[str], captions: list[str],
