@@ -10,6 +10,8 @@ CPUs (BENCHMARKS.md, session 15). Here they are paid once. `make demo` uses it f
 
 After each partition it prints ``sd-batch: partition K done in S s`` (the demo reads that line). It stops at
 the first partition that fails, as separate commands run one after another would, and exits non-zero naming it.
+A run config file that does not load (unreadable, not YAML, settings out of range) is refused first, in one line
+naming it, with exit code 2 and no run started (`config_refusal`).
 """
 
 from __future__ import annotations
