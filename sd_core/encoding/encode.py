@@ -19,7 +19,7 @@ is a `ShardCountError` and the shard's previous cache stays exactly as it was.
 
 Several GPUs: one encoder process per GPU (``spawn``), each with ``CUDA_VISIBLE_DEVICES`` set to its GPU
 before CUDA initialises, each taking every G-th sample (with its own decode workers); the parent merges the
-parts in tar order and writes the shard once. On CPU there is one encoder process.
+parts and writes the shard once (`write_shard` stores it in key order). On CPU there is one encoder process.
 
 Progress goes to a callback (the Dagster asset logs it) or a tqdm bar.
 """
@@ -377,18 +377,15 @@ def _progress_or_bar(progress: ProgressFn | None, show_progress: bool, shard: st
         bar.close()
 
 
-def _merge_in_tar_order(parts: list[_Part], no_latents: np.ndarray
-                        ) -> tuple[np.ndarray, list[str], list[str], list[tuple[int, str]]]:
-    """The parts as one shard in tar order (each part holds every n-th sample): latents (``no_latents`` when
-    nothing encoded), keys, captions, and the skipped samples sorted by index."""
-    idx = np.concatenate([np.asarray(p.indices, np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+def _merge_parts(parts: list[_Part], no_latents: np.ndarray
+                 ) -> tuple[np.ndarray, list[str], list[str], list[tuple[int, str]]]:
+    """The parts as one shard: latents (``no_latents`` when nothing encoded), keys, captions, and the skipped
+    samples sorted by index. Rows stay in part order: `write_shard` stores them in key order."""
     keys = [k for p in parts for k in p.keys]
     caps = [c for p in parts for c in p.captions]
     lats = [lat for p in parts for lat in p.latents]
-    latents = np.concatenate(lats) if lats else no_latents
-    order = np.argsort(idx, kind="stable")
     skipped = sorted(s for p in parts for s in p.skipped)
-    return latents[order], [keys[i] for i in order], [caps[i] for i in order], skipped
+    return (np.concatenate(lats) if lats else no_latents), keys, caps, skipped
 
 
 def _no_latents(vae_cfg: Any, resolution: int) -> np.ndarray:
@@ -448,7 +445,7 @@ def encode_shard(
         parts, devname = _encode_parts(tar_path, profile, dev, world, gpus, components, report_progress, shard)
     src = component_sources(profile)
     vae_cfg = components.vae.config if components is not None else _vae_config(src.vae)
-    latents, keys, caps, skipped = _merge_in_tar_order(parts, _no_latents(vae_cfg, profile.encode.resolution))
+    latents, keys, caps, skipped = _merge_parts(parts, _no_latents(vae_cfg, profile.encode.resolution))
     _check_sample_count(shard, tar_path, len(keys) + len(skipped))
     token_ids = _caption_tokens(profile, components, caps)
     seconds = time.perf_counter() - t0
