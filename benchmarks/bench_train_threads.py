@@ -74,7 +74,7 @@ def main() -> None:
             busy_proc.wait()
         rows.append((label, idle, busy))
         print(f"{label}: {idle:.1f} samples/s idle, {busy:.1f} busy", file=sys.stderr, flush=True)
-    print(f"## Tiny training throughput by thread layout (`benchmarks/bench_train_threads.py`)\n")
+    print("## Tiny training throughput by thread layout (`benchmarks/bench_train_threads.py`)\n")
     print(f"{dt.date.today()}, {cpu_model()}, {os.cpu_count()} CPUs, torch trainer, global batch 32, "
           f"{args.steps} steps per run; busy = one `python -c \"while True: pass\"` alongside.\n")
     print("| layout | idle samples/s | busy samples/s | slowdown |")
