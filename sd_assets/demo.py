@@ -50,7 +50,7 @@ import yaml
 
 from sd_assets.demo_report import StageRun, stage_lines
 from sd_assets.materialize_batch import DEFS_MODULE, MARKER
-from sd_assets.run_config import RunConfigError, load_run_config, sd_resource_config
+from sd_assets.run_config import RunConfigError, load_run_config, run_profile, sd_resource_config
 
 if TYPE_CHECKING:  # dagster is imported lazily: --init-home stays fast
     import dagster as dg
@@ -176,7 +176,7 @@ class Freshness:
     @classmethod
     def of(cls, instance: "dg.DagsterInstance", defs: Any, run_config: dict[str, Any]) -> "Freshness":
         """For a demo run with ``run_config``: every asset's code version and declared settings from ``defs``."""
-        from sd_assets.resources import declared_settings, run_profile
+        from sd_assets.resources import declared_settings
 
         specs = defs.resolve_all_asset_specs()
         return cls(instance, defs.resolve_asset_graph(), {s.key: s.code_version for s in specs},
@@ -191,7 +191,6 @@ class Freshness:
 
     def setting_changes(self, key: Any, record: Any) -> list[str]:
         """The settings ``key`` declares that differ between the run that made ``record`` and ``profile``."""
-        from sd_assets.resources import run_profile
         from sd_core.config import ConfigError, setting_changes
 
         names = self.settings.get(key, ())
@@ -576,8 +575,6 @@ def main(argv: list[str] | None = None) -> int:
     try:  # settings that do not load are refused before anything is created or started, naming the files
         run_config, data_root = _run_config(configs, args.data_root)
         if not (args.init_home or args.missing):
-            from sd_assets.resources import run_profile
-
             run_profile(run_config)
         home = ensure_dagster_home(data_root / "dagster_home")
     except RunConfigError as exc:

@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def config_refusal(path: str) -> str | None:
     """Why the run config file at ``path`` cannot run (naming it), or None: checked once here, instead of in
     the first partition's run."""
-    from sd_assets.resources import run_profile
-    from sd_assets.run_config import RunConfigError, load_run_config
+    from sd_assets.run_config import RunConfigError, load_run_config, run_profile
     from sd_core.config import ConfigError
 
     try:

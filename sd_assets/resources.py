@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
-from sd_assets.run_config import sd_resource_config
 from sd_core.config import ConfigError, Profile, get_profile
 
 SETTINGS_KEY = "sd/settings"  # definition metadata: the profile settings an asset's result depends on
@@ -33,14 +31,6 @@ class SDConfig(dg.ConfigurableResource):
             return get_profile(self.profile or None, self.data_root or None, self.overrides or None)
         except ConfigError as e:
             raise dg.Failure(description=f"run config: {e}") from None
-
-
-def run_profile(run_config: Mapping[str, Any]) -> Profile:
-    """The profile a run is configured with: its ``resources.sd.config``, empty values resolved as `SDConfig.get`
-    does. Raises `ConfigError` for settings that do not load (an unknown field, a value out of range, a section
-    that is not a mapping)."""
-    cfg = sd_resource_config(copy.deepcopy(dict(run_config)))  # a copy: a stored run's config stays as it is
-    return get_profile(cfg.get("profile") or None, cfg.get("data_root") or None, cfg.get("overrides") or None)
 
 
 def settings_read(*names: str) -> dict[str, str]:

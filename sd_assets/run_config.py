@@ -4,14 +4,15 @@ line naming the file and what is wrong with it, before any run starts."""
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sd_core.config import ConfigError
+from sd_core.config import ConfigError, Profile, get_profile
 
 
 class RunConfigError(ConfigError):
@@ -56,3 +57,11 @@ def sd_resource_config(run_config: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(level, dict):
             raise RunConfigError(f"{'.'.join(path)} must be a mapping, got {type(level).__name__}")
     return level
+
+
+def run_profile(run_config: Mapping[str, Any]) -> Profile:
+    """The profile a run is configured with: its ``resources.sd.config``, empty values resolved as
+    `sd_assets.resources.SDConfig.get` does. Raises `ConfigError` for settings that do not load (an unknown
+    field, a value out of range, a section that is not a mapping)."""
+    cfg = sd_resource_config(copy.deepcopy(dict(run_config)))  # a copy: a stored run's config stays as it is
+    return get_profile(cfg.get("profile") or None, cfg.get("data_root") or None, cfg.get("overrides") or None)
